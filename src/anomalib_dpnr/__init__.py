@@ -1,0 +1,7 @@
+"""anomalib-dpnr: diffusion-based anomaly detection models for anomalib 2.x."""
+
+from .data import MVTec
+from .models import DiffusionAD
+
+__all__ = ["DiffusionAD", "MVTec"]
+__version__ = "0.1.0"

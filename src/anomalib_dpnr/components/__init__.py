@@ -1,0 +1,32 @@
+"""Pieces shared by the diffusion models: schedules, UNets, synthetic anomalies, processing."""
+
+from .diffusion import NoiseSchedule
+from .processing import (
+    AnomalyScorer,
+    diffusion_evaluator,
+    diffusion_pre_processor,
+    from_unit_range,
+    image_size_pair,
+    to_unit_range,
+    topk_mean,
+)
+from .synthetic import SyntheticAnomalyGenerator, estimate_foreground, self_augment
+from .unet import build_unet, unet_downsampling_factor
+from .validation import check_images
+
+__all__ = [
+    "AnomalyScorer",
+    "NoiseSchedule",
+    "SyntheticAnomalyGenerator",
+    "build_unet",
+    "check_images",
+    "diffusion_evaluator",
+    "diffusion_pre_processor",
+    "estimate_foreground",
+    "from_unit_range",
+    "image_size_pair",
+    "self_augment",
+    "to_unit_range",
+    "topk_mean",
+    "unet_downsampling_factor",
+]

@@ -1,0 +1,78 @@
+"""Noise schedules: a thin wrapper over diffusers' ``DDPMScheduler``.
+
+Forward noising (DDPM Eq. 2, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``) and the one-step
+x0 estimate (DiffusionAD Eq. 5) are what every model in this package needs; diffusers owns the
+schedule math (linear, cosine, ...), this module only keeps ``alphas_cumprod`` as a buffer so it
+follows the model to its device and lands in checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+__all__ = ["NoiseSchedule"]
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample ``[B]`` vector to broadcast against ``like`` ``[B, C, H, W]``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class NoiseSchedule(nn.Module):
+    """Diffusion variance schedule with noising and one-step denoising.
+
+    Args:
+        num_timesteps: Number of diffusion steps ``T``.
+        beta_schedule: Any diffusers schedule name (``linear``, ``scaled_linear``,
+            ``squaredcos_cap_v2`` = cosine, ``sigmoid``).
+        beta_start: First beta of a linear schedule.
+        beta_end: Last beta of a linear schedule.
+    """
+
+    def __init__(
+        self,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if num_timesteps < 1:
+            msg = f"num_timesteps must be >= 1, got {num_timesteps}"
+            raise ValueError(msg)
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=num_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+        )
+        self.num_timesteps = num_timesteps
+        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def check_timesteps(self, timesteps: torch.Tensor | list[int] | tuple[int, ...]) -> None:
+        """Raise a clear error for steps outside ``[0, T)``."""
+        steps = torch.as_tensor(timesteps)
+        if steps.numel() and (steps.min() < 0 or steps.max() >= self.num_timesteps):
+            msg = f"timesteps must lie in [0, {self.num_timesteps - 1}], got {steps.tolist()}"
+            raise ValueError(msg)
+
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Uniform ``t ~ U{0, T-1}`` per sample (training, DDPM Eq. 3)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` (DDPM Eq. 2)."""
+        abar = _expand(self.alphas_cumprod[timesteps], x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """One-step estimate ``x0 = (x_t - sqrt(1 - abar_t) noise) / sqrt(abar_t)`` (DiffusionAD Eq. 5)."""
+        abar = _expand(self.alphas_cumprod[timesteps], x_t)
+        return (x_t - (1 - abar).sqrt() * noise) / abar.sqrt()
+
+    def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` per step."""
+        abar = self.alphas_cumprod[timesteps]
+        return abar / (1 - abar)

@@ -1,0 +1,93 @@
+"""Pre-processing to ``[-1, 1]``, the default evaluator, and anomaly-map scoring helpers."""
+
+from __future__ import annotations
+
+import torch
+from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Score
+from anomalib.models.components.filters import GaussianBlur2d
+from anomalib.pre_processing import PreProcessor
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+__all__ = [
+    "AnomalyScorer",
+    "diffusion_evaluator",
+    "diffusion_pre_processor",
+    "from_unit_range",
+    "image_size_pair",
+    "to_unit_range",
+    "topk_mean",
+]
+
+
+def image_size_pair(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``256`` or ``(256, 256)`` to ``(H, W)``."""
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    size = tuple(int(s) for s in image_size)
+    if len(size) != 2:
+        msg = f"image_size must be an int or (height, width), got {image_size!r}"
+        raise ValueError(msg)
+    return size  # type: ignore[return-value]
+
+
+def diffusion_pre_processor(image_size: int | tuple[int, int] = 256) -> PreProcessor:
+    """Resize and map ``[0, 1]`` images to ``[-1, 1]`` (standard torchvision transforms only)."""
+    return PreProcessor(
+        transform=Compose([
+            Resize(image_size_pair(image_size), antialias=True),
+            Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        ]),
+    )
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` to ``[0, 1]``."""
+    return images * 0.5 + 0.5
+
+
+def from_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` to ``[-1, 1]``."""
+    return images * 2 - 1
+
+
+def diffusion_evaluator() -> Evaluator:
+    """Image AUROC/F1 and pixel AUROC/F1/AUPRO (pixel metrics skip datasets without masks)."""
+    return Evaluator(
+        test_metrics=[
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ],
+    )
+
+
+def topk_mean(anomaly_map: torch.Tensor, k: int) -> torch.Tensor:
+    """Image score: mean of the ``k`` largest values of each ``[B, 1, H, W]`` map (DiffusionAD Alg. 2)."""
+    flat = anomaly_map.flatten(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+class AnomalyScorer(nn.Module):
+    """Gaussian-smooth a ``[B, 1, H, W]`` map and score each image by its top-k mean.
+
+    Args:
+        sigma: Gaussian standard deviation in pixels; ``0`` disables smoothing.
+        top_k: Number of highest map values averaged into the image score.
+    """
+
+    def __init__(self, sigma: float = 4.0, top_k: int = 50) -> None:
+        super().__init__()
+        if sigma < 0 or top_k < 1:
+            msg = f"need sigma >= 0 and top_k >= 1, got sigma={sigma}, top_k={top_k}"
+            raise ValueError(msg)
+        self.top_k = top_k
+        self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=2 * int(4.0 * sigma + 0.5) + 1) if sigma else None
+
+    def forward(self, anomaly_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(smoothed_map, image_score)``."""
+        if self.blur is not None:
+            anomaly_map = self.blur(anomaly_map)
+        return anomaly_map, topk_mean(anomaly_map, self.top_k)

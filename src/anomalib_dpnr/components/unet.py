@@ -1,0 +1,65 @@
+"""Factory for diffusers ``UNet2DModel`` denoisers with width/depth taken from config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from diffusers import UNet2DModel
+
+__all__ = ["build_unet", "unet_downsampling_factor"]
+
+
+def build_unet(
+    in_channels: int = 3,
+    out_channels: int = 3,
+    block_out_channels: Sequence[int] = (128, 128, 256, 256, 512, 512),
+    layers_per_block: int = 2,
+    attention_levels: Sequence[int] = (3, 4, 5),
+    attention_head_dim: int = 64,
+    norm_num_groups: int = 32,
+    dropout: float = 0.0,
+) -> UNet2DModel:
+    """Build a DDPM-style UNet (ResNet blocks, sinusoidal time embedding, self-attention).
+
+    Args:
+        in_channels: Input channels.
+        out_channels: Output channels.
+        block_out_channels: Width of each resolution level; level ``i`` works at ``1 / 2**i`` of
+            the input size. The default is guided-diffusion's 256 px layout (base 128, multipliers
+            1, 1, 2, 2, 4, 4), as used by DiffusionAD.
+        layers_per_block: ResNet blocks per level.
+        attention_levels: Indices of the levels that get self-attention (``(3, 4, 5)`` = 32, 16, 8 px
+            for a 256 px input, DiffusionAD Sec. 4.2).
+        attention_head_dim: Channels per attention head.
+        norm_num_groups: GroupNorm groups; must divide every entry of ``block_out_channels``.
+        dropout: Dropout in the ResNet blocks.
+    """
+    widths = tuple(int(c) for c in block_out_channels)
+    if not widths:
+        msg = "block_out_channels must name at least one level"
+        raise ValueError(msg)
+    if any(c % norm_num_groups for c in widths):
+        msg = f"every block_out_channels entry {widths} must be divisible by norm_num_groups={norm_num_groups}"
+        raise ValueError(msg)
+    levels = set(attention_levels)
+    if not levels <= set(range(len(widths))):
+        msg = f"attention_levels {sorted(levels)} must index block_out_channels (0..{len(widths) - 1})"
+        raise ValueError(msg)
+    down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(len(widths)))
+    up = tuple("AttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(widths))))
+    return UNet2DModel(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        block_out_channels=widths,
+        layers_per_block=layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups,
+        dropout=dropout,
+    )
+
+
+def unet_downsampling_factor(block_out_channels: Sequence[int]) -> int:
+    """Total spatial reduction of a UNet built by :func:`build_unet` (inputs must be divisible by it)."""
+    return 2 ** (len(block_out_channels) - 1)

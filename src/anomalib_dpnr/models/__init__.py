@@ -1,0 +1,5 @@
+"""Models of anomalib-dpnr."""
+
+from .diffusion_ad import DiffusionAD
+
+__all__ = ["DiffusionAD"]

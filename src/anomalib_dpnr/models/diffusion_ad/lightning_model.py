@@ -1,0 +1,173 @@
+"""DiffusionAD as an anomalib model.
+
+Paper: Zhang et al., "DiffusionAD: Norm-guided One-step Denoising Diffusion for Anomaly Detection".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+
+from anomalib_dpnr.components import (
+    SyntheticAnomalyGenerator,
+    diffusion_evaluator,
+    diffusion_pre_processor,
+    from_unit_range,
+    to_unit_range,
+)
+
+from .loss import DiffusionADLoss
+from .torch_model import DiffusionADModel
+
+__all__ = ["DiffusionAD"]
+
+
+class DiffusionAD(AnomalibModule):
+    """DiffusionAD: one-step denoising diffusion + segmentation sub-network.
+
+    Every paper hyper-parameter is an argument with the paper's value as default (Sec. 4.2);
+    see ``models/diffusion_ad/README.md`` for the choices made where the paper is silent.
+
+    Args:
+        image_size: Side (or ``(H, W)``) images are resized to; must be divisible by 32 (paper: 256).
+        num_timesteps: Diffusion steps ``T`` (paper: 1000).
+        beta_schedule: Noise schedule (paper: linear).
+        beta_start: First beta (paper: 1e-4).
+        beta_end: Last beta (DDPM / reference code: 0.02).
+        block_out_channels: Denoiser width per level (paper: base 128, 256 px guided-diffusion layout).
+        layers_per_block: Denoiser ResNet blocks per level.
+        attention_levels: Denoiser levels with attention (paper: 32, 16, 8 px = levels 3, 4, 5).
+        attention_head_dim: Channels per attention head.
+        norm_num_groups: GroupNorm groups of the denoiser (must divide every width).
+        segmentation_width: Base width of the segmentation U-Net.
+        inference_timesteps: Noise levels averaged at inference (paper: 100 and 200).
+        top_k: Pixels averaged into the image score (paper: 50).
+        smoothing_sigma: Gaussian sigma on the anomaly map (0 disables).
+        inference_seed: Seed of the fixed inference noise.
+        focal_weight: Weight ``gamma`` of the focal term (paper: 5).
+        focal_gamma: Focusing parameter of the focal loss.
+        anomaly_source_path: Texture folder for synthetic anomalies (paper: DTD); ``None`` = self-texture.
+        anomaly_probability: Share of synthetic anomalies per batch (paper: 3 of 6).
+        blend_factor: Range of the anomaly opacity ``1 - beta`` (Eq. 9).
+        use_foreground: Keep synthetic anomalies on the estimated object foreground.
+        foreground_threshold: Colour distance to the border colour that counts as foreground.
+        learning_rate: Adam learning rate (paper: 1e-4).
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 256,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        block_out_channels: Sequence[int] = (128, 128, 256, 256, 512, 512),
+        layers_per_block: int = 2,
+        attention_levels: Sequence[int] = (3, 4, 5),
+        attention_head_dim: int = 64,
+        norm_num_groups: int = 32,
+        segmentation_width: int = 64,
+        inference_timesteps: Sequence[int] = (100, 200),
+        top_k: int = 50,
+        smoothing_sigma: float = 4.0,
+        inference_seed: int = 0,
+        focal_weight: float = 5.0,
+        focal_gamma: float = 2.0,
+        anomaly_source_path: str | Path | None = None,
+        anomaly_probability: float = 0.5,
+        blend_factor: tuple[float, float] = (0.2, 1.0),
+        use_foreground: bool = True,
+        foreground_threshold: float = 0.1,
+        learning_rate: float = 1e-4,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor(image_size)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = DiffusionADModel(
+            num_timesteps=num_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            attention_levels=attention_levels,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            segmentation_width=segmentation_width,
+            inference_timesteps=inference_timesteps,
+            top_k=top_k,
+            smoothing_sigma=smoothing_sigma,
+            inference_seed=inference_seed,
+        )
+        self.loss = DiffusionADLoss(focal_weight=focal_weight, focal_gamma=focal_gamma)
+        self.generator = SyntheticAnomalyGenerator(
+            anomaly_source_path=anomaly_source_path,
+            probability=anomaly_probability,
+            blend_factor=tuple(blend_factor),
+            use_foreground=use_foreground,
+            foreground_threshold=foreground_threshold,
+        )
+        self.learning_rate = learning_rate
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
+        """Resize to ``image_size`` (default 256) and scale to ``[-1, 1]``."""
+        return diffusion_pre_processor(image_size or 256)
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC/F1 and pixel AUROC/F1/AUPRO."""
+        return diffusion_evaluator()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Synthesise anomalies, corrupt, denoise, segment; joint loss (Alg. 1)."""
+        del args, kwargs
+        augmented, masks = self.generator(to_unit_range(batch.image))
+        output = self.model(from_unit_range(augmented))
+        losses = self.loss(output.noise, output.predicted_noise, masks, output.mask_logits)
+        self.log_dict(
+            {f"train_{name}": value for name, value in losses.items()},
+            prog_bar=True,
+            on_epoch=True,
+            batch_size=batch.image.shape[0],
+        )
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores so anomalib can fit thresholds and normalisation."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam on both sub-networks (Sec. 4.2)."""
+        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Nothing is forced: epochs and the rest come from the trainer config or CLI."""
+        return {}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on normal images only."""
+        return LearningType.ONE_CLASS

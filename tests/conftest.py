@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny generated MVTec-layout dataset and a tiny model configuration."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from anomalib_dpnr.data import make_synthetic_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Smallest DiffusionAD that still exercises every component (runs in well under a second per batch).
+TINY_DIFFUSION_AD = {
+    "image_size": 64,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "attention_levels": [3],
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+    "segmentation_width": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a 64 px MVTec-layout dataset with category ``woven``."""
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("data"), image_size=64, num_train=8, num_test_good=4, num_test_defect=4
+    )
