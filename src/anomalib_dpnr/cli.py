@@ -11,9 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["find_repo_file", "find_shared_data", "main"]
+__all__ = ["QUICK_ARGS", "find_repo_file", "find_shared_data", "main"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Toy scale of the CPU config (64 px, tiny networks, one epoch): the same code path, in seconds.
+QUICK_ARGS = [
+    "--model.image_size", "64", "--model.block_out_channels", "[16, 32, 32, 32]",
+    "--model.attention_head_dim", "16", "--model.norm_num_groups", "8", "--model.segmentation_width", "8",
+    "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+]  # fmt: skip
 
 
 def find_repo_file(relative: str) -> Path:
@@ -52,12 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
         reason = "--generated given" if args.generated else "../shared/data not found"
         print(f"[demo] {reason}: generated a {size} px MVTec-layout dataset under {root}")
         cli_args += ["--data.root", str(root), "--data.category", "woven", "--model.use_foreground", "false"]
-    if args.quick:  # the same path at toy scale, for the tests
-        cli_args += [
-            "--model.image_size", "64", "--model.block_out_channels", "[16, 32, 32, 32]",
-            "--model.attention_head_dim", "16", "--model.norm_num_groups", "8", "--model.segmentation_width", "8",
-            "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-        ]  # fmt: skip
+    if args.quick:
+        cli_args += QUICK_ARGS
     if args.max_epochs is not None:
         cli_args += ["--trainer.max_epochs", str(args.max_epochs), "--trainer.check_val_every_n_epoch", str(args.max_epochs)]
     cli_args += ["--default_root_dir", str(Path(args.output) / "results")]

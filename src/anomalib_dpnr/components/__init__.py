@@ -1,5 +1,6 @@
 """Pieces shared by the diffusion models: schedules, UNets, synthetic anomalies, processing."""
 
+from .base import DiffusionAnomalyModule
 from .diffusion import NoiseSchedule
 from .processing import (
     AnomalyScorer,
@@ -16,6 +17,7 @@ from .validation import check_images
 
 __all__ = [
     "AnomalyScorer",
+    "DiffusionAnomalyModule",
     "NoiseSchedule",
     "SyntheticAnomalyGenerator",
     "build_unet",

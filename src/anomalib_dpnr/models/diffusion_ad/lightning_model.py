@@ -7,25 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
-from anomalib_dpnr.components import (
-    SyntheticAnomalyGenerator,
-    diffusion_evaluator,
-    diffusion_pre_processor,
-    from_unit_range,
-    to_unit_range,
-)
+from anomalib_dpnr.components import DiffusionAnomalyModule, SyntheticAnomalyGenerator, from_unit_range, to_unit_range
 
 from .loss import DiffusionADLoss
 from .torch_model import DiffusionADModel
@@ -33,7 +23,7 @@ from .torch_model import DiffusionADModel
 __all__ = ["DiffusionAD"]
 
 
-class DiffusionAD(AnomalibModule):
+class DiffusionAD(DiffusionAnomalyModule):
     """DiffusionAD: one-step denoising diffusion + segmentation sub-network.
 
     Every paper hyper-parameter is an argument with the paper's value as default (Sec. 4.2);
@@ -95,9 +85,8 @@ class DiffusionAD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor(image_size)
         super().__init__(
+            image_size=image_size,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
@@ -129,16 +118,6 @@ class DiffusionAD(AnomalibModule):
         )
         self.learning_rate = learning_rate
 
-    @classmethod
-    def configure_pre_processor(cls, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (default 256) and scale to ``[-1, 1]``."""
-        return diffusion_pre_processor(image_size or 256)
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """Image AUROC/F1 and pixel AUROC/F1/AUPRO."""
-        return diffusion_evaluator()
-
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Synthesise anomalies, corrupt, denoise, segment; joint loss (Alg. 1)."""
         del args, kwargs
@@ -161,13 +140,3 @@ class DiffusionAD(AnomalibModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on both sub-networks (Sec. 4.2)."""
         return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate)
-
-    @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """Nothing is forced: epochs and the rest come from the trainer config or CLI."""
-        return {}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """One-class: trained on normal images only."""
-        return LearningType.ONE_CLASS
