@@ -98,16 +98,12 @@ def test_synthetic_texture_folder(tmp_path) -> None:
     augmented, masks = generator(images)
     assert masks.sum() > 0
     assert augmented.shape == images.shape
-    with pytest.raises(FileNotFoundError, match="holds no images"):
-        SyntheticAnomalyGenerator(anomaly_source_path=_empty(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not a folder"):
-        SyntheticAnomalyGenerator(anomaly_source_path=tmp_path / "nope")
-
-
-def _empty(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    return empty
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        SyntheticAnomalyGenerator(anomaly_source_path=empty)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        SyntheticAnomalyGenerator(anomaly_source_path=tmp_path / "nope")
 
 
 def test_self_augment_changes_appearance_and_keeps_range() -> None:
