@@ -153,3 +153,25 @@ def test_checkpoint_reload_gives_identical_predictions(tmp_path) -> None:
     assert torch.equal(a.pred_score, b.pred_score)
     assert torch.equal(a.anomaly_map, b.anomaly_map)
     assert reloaded.model.denoiser.config.block_out_channels == (16, 32, 32, 32)
+
+
+def test_grayscale_files_reach_the_model_as_three_channels(tmp_path, tiny_dataset) -> None:
+    """Grayscale images on disk are handled explicitly: anomalib's MVTecAD reads every image as RGB."""
+    import shutil
+
+    import cv2
+    from anomalib.data import MVTecAD
+
+    root = tmp_path / "gray"
+    shutil.copytree(tiny_dataset / "woven", root / "woven")
+    for image in (root / "woven").glob("t*/*/*.png"):
+        cv2.imwrite(str(image), cv2.imread(str(image), cv2.IMREAD_GRAYSCALE))
+    assert cv2.imread(str(next((root / "woven" / "train" / "good").iterdir())), cv2.IMREAD_UNCHANGED).ndim == 2
+    datamodule = MVTecAD(root=root, category="woven", train_batch_size=4, num_workers=0)
+    datamodule.setup()
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.image.shape[1] == 3
+    module = DiffusionAD(**TINY_DIFFUSION_AD).eval()
+    with torch.no_grad():
+        out = module(batch.image)
+    assert out.pred_score.shape == (4,)
