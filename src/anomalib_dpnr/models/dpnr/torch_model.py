@@ -1,0 +1,216 @@
+"""DPNR torch model: structured-noise diffusion with a dual-prototype noise repository.
+
+Training (Fig. 2): ``z_syn(t) = (1 - t/T) z_s + (t/T) z_a`` (Eq. 12) is corrupted with structured
+noise ``eps_s`` from DP-SNI (Eq. 4); the denoiser predicts ``eta_theta``. Its targets (RHN-Loss) are
+``eps_s`` itself and the *ideal* noise ``eps* = (x_t - sqrt(abar_t) z_s) / sqrt(1 - abar_t)``, the
+noise whose removal (Eq. 5) yields the normal latent ``z_s``: predicting it removes the defect.
+Inference (Fig. 3): corrupt the test latent with its own structured noise, reconstruct in one step
+(Eq. 5) and localise anomalies by the pixel and ``Phi``-feature discrepancy to the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from anomalib.data import InferenceBatch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_dpnr.components import (
+    AnomalyScorer,
+    NoiseSchedule,
+    build_unet,
+    check_images,
+    gaussian_blur,
+    unet_downsampling_factor,
+)
+from anomalib_dpnr.components.features import FeatureEmbedder, feature_distance_map
+from anomalib_dpnr.components.latent import LatentCodec
+
+from .dp_sni import DPSNI
+from .repository import DualPrototypeRepository
+
+__all__ = ["DpnrModel", "DpnrOutput"]
+
+
+@dataclass
+class DpnrOutput:
+    """Training-time outputs, all at latent resolution."""
+
+    noisy: torch.Tensor  # x_t (Eq. 4)
+    predicted: torch.Tensor  # eta_theta(x_t, t)
+    structured: torch.Tensor  # the injected noise eta (eps_s, raw or Gaussian)
+    ideal: torch.Tensor  # eps*: noise that maps x_t back to z_s
+    mask: torch.Tensor  # synthetic-defect mask M [B, 1, h, w]
+    snr: torch.Tensor  # SNR(t) [B]
+    timesteps: torch.Tensor
+
+
+class DpnrModel(nn.Module):
+    """DPNR (see module docstring). Arguments mirror ``anomalib_dpnr.Dpnr``."""
+
+    def __init__(
+        self,
+        vae_path: str | Path | None = None,
+        latent_scale: float | None = None,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        attention_levels: Sequence[int] = (1, 2, 3),
+        attention_head_dim: int = 64,
+        norm_num_groups: int = 32,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] = ("blocks.1", "blocks.2"),
+        layer_weights: Sequence[float] | None = None,
+        pre_trained: bool = True,
+        backbone_weights: str | Path | None = None,
+        num_prototypes: int = 16,
+        merge_threshold: float = 0.95,
+        repository_patch_size: int = 32,
+        repository_min_coverage: float = 0.25,
+        residual_sigma: float = 2.0,
+        repository_seed: int = 0,
+        attention_dim: int = 64,
+        parameterizer_width: int = 64,
+        noise_scale: float = 1.6,
+        foreground_weight: float = 1.0,
+        mask_sigma: float = 2.0,
+        structured_noise: bool = True,
+        dp_sni: bool = True,
+        inference_timesteps: Sequence[int] = (100, 200),
+        pixel_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        top_k: int = 50,
+        smoothing_sigma: float = 4.0,
+        inference_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not inference_timesteps:
+            msg = "inference_timesteps must name at least one noise level"
+            raise ValueError(msg)
+        self.codec = LatentCodec(vae_path, latent_scale)
+        self.schedule = NoiseSchedule(num_timesteps, beta_schedule)
+        self.schedule.check_timesteps(list(inference_timesteps))
+        self.denoiser = build_unet(
+            self.codec.channels, self.codec.channels, block_out_channels, layers_per_block,
+            attention_levels, attention_head_dim, norm_num_groups,
+        )  # fmt: skip
+        self.embedder = FeatureEmbedder(backbone, layers, layer_weights, pre_trained, backbone_weights)
+        self.repository = DualPrototypeRepository(
+            num_prototypes, merge_threshold, repository_patch_size, repository_min_coverage, residual_sigma, repository_seed
+        )
+        self.dp_sni = DPSNI(self.embedder.dim, self.codec.channels, attention_dim, parameterizer_width, noise_scale, foreground_weight, mask_sigma)
+        self.latent_blur = gaussian_blur(residual_sigma, self.codec.channels)
+        self.scorer = AnomalyScorer(smoothing_sigma, top_k)
+        self.structured_noise = structured_noise
+        self.use_dp_sni = dp_sni
+        self.inference_timesteps = tuple(int(t) for t in inference_timesteps)
+        self.pixel_weight = pixel_weight
+        self.feature_weight = feature_weight
+        self.inference_seed = inference_seed
+        self.size_multiple = max(unet_downsampling_factor(block_out_channels) * self.codec.factor, self.embedder.size_multiple)
+
+    # --- repository (Eqs. 6-9) -------------------------------------------------------------
+    @property
+    def needs_repository(self) -> bool:
+        """Whether training needs the prototype repository (DP-SNI on) and it is still empty."""
+        return self.structured_noise and self.use_dp_sni and not self.repository.is_fitted
+
+    @torch.no_grad()
+    def repository_features(self, images: torch.Tensor, anomalous: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedded foreground and background noise patches of one batch (Eq. 6)."""
+        patches = self.repository.noise_patches(images, anomalous, masks)
+        return tuple(
+            self.embedder.embed(p) if len(p) else torch.empty(0, self.embedder.dim, device=images.device)
+            for p in patches
+        )  # type: ignore[return-value]
+
+    def build_repository(self, foreground_features: torch.Tensor, background_features: torch.Tensor) -> None:
+        """K-Means + merging per set (Eqs. 7-9); the matcher's learnable prototypes start from them."""
+        self.repository.fit(foreground_features, background_features)
+        self.dp_sni.matcher.initialise(self.repository.background.prototypes, self.repository.foreground.prototypes)
+
+    # --- noise --------------------------------------------------------------------------------
+    def raw_noise(self, latents: torch.Tensor, anomalous_latents: torch.Tensor | None) -> torch.Tensor:
+        """Unprocessed real noise (DP-SNI off): latent high-frequency residual plus defect structure, unit variance."""
+        noise = latents - self.latent_blur(latents)
+        if anomalous_latents is not None:
+            noise = noise + anomalous_latents - latents
+        return noise / noise.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+
+    def noise(
+        self,
+        images: torch.Tensor,
+        latents: torch.Tensor,
+        anomalous_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The forward-process noise ``eta``: DP-SNI structured noise, raw real noise or Gaussian."""
+        if not self.structured_noise:
+            if generator is None:
+                return torch.randn_like(latents)
+            normal = torch.randn((1, *latents.shape[1:]), generator=generator, device=latents.device, dtype=latents.dtype)
+            return normal.expand_as(latents)
+        if not self.use_dp_sni:
+            return self.raw_noise(latents, anomalous_latents)
+        return self.dp_sni(self.embedder(images), latents.shape[-2:], generator).noise
+
+    # --- forward ------------------------------------------------------------------------------
+    def reconstruct(self, images: torch.Tensor, latents: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        """Corrupt with structured noise at ``step`` and reconstruct in one step (Eqs. 4-5)."""
+        timesteps = torch.full((images.shape[0],), step, device=images.device, dtype=torch.long)
+        noisy = self.schedule.add_noise(latents, self.noise(images, latents, generator=generator), timesteps)
+        predicted = self.denoiser(noisy, timesteps).sample
+        return self.codec.decode(self.schedule.predict_x0(noisy, predicted, timesteps)).clamp(-1, 1)
+
+    def anomaly_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """Discrepancy map ``[B, 1, H, W]``: weighted pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine distance."""
+        anomaly_map = torch.zeros_like(images[:, :1])
+        if self.pixel_weight:
+            anomaly_map = anomaly_map + self.pixel_weight * (images - reconstruction).abs().mean(dim=1, keepdim=True) / 2
+        if self.feature_weight:
+            anomaly_map = anomaly_map + self.feature_weight * feature_distance_map(self.embedder, images, reconstruction)
+        return anomaly_map
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        anomalous: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> DpnrOutput | InferenceBatch:
+        """Training needs ``anomalous`` images and their ``masks``; inference only ``images`` (all ``[-1, 1]``)."""
+        check_images(images, 3, self.size_multiple, "Dpnr")
+        if not self.training:
+            return self.predict(images)
+        if anomalous is None or masks is None or anomalous.shape != images.shape:
+            msg = "Dpnr training needs anomalous images of the same shape as the normal ones, and their masks"
+            raise ValueError(msg)
+        if self.needs_repository:
+            msg = "Dpnr: the prototype repository is empty; build it first (anomalib_dpnr.Dpnr does this when fit starts)"
+            raise RuntimeError(msg)
+        z_s, z_a = self.codec.encode(images), self.codec.encode(anomalous)
+        timesteps = self.schedule.sample_timesteps(images.shape[0], images.device)
+        ratio = (timesteps.float() / self.schedule.num_timesteps).view(-1, 1, 1, 1)
+        z_syn = (1 - ratio) * z_s + ratio * z_a  # Eq. 12
+        eta = self.noise(images, z_s, z_a)
+        noisy = self.schedule.add_noise(z_syn, eta, timesteps)  # Eq. 4
+        predicted = self.denoiser(noisy, timesteps).sample
+        abar = self.schedule.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        ideal = (noisy - abar.sqrt() * z_s) / (1 - abar).clamp_min(1e-8).sqrt()
+        latent_mask = F.adaptive_avg_pool2d(masks.reshape(images.shape[0], 1, *images.shape[-2:]).float(), z_s.shape[-2:])
+        return DpnrOutput(noisy, predicted, eta, ideal, latent_mask, self.schedule.snr(timesteps), timesteps)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> InferenceBatch:
+        """Average the discrepancy maps of one-step reconstructions from each inference level."""
+        latents = self.codec.encode(images)
+        anomaly_map = torch.zeros_like(images[:, :1])
+        for index, step in enumerate(self.inference_timesteps):
+            generator = torch.Generator(device=images.device).manual_seed(self.inference_seed + index)
+            anomaly_map = anomaly_map + self.anomaly_map(images, self.reconstruct(images, latents, step, generator))
+        anomaly_map, pred_score = self.scorer(anomaly_map / len(self.inference_timesteps))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,338 @@
+"""DPNR: repository, DP-SNI, RHN-Loss, ablation switches, checkpoints and latent space."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+from conftest import TINY_DPNR
+
+from anomalib_dpnr import Dpnr
+from anomalib_dpnr.components import from_unit_range, to_unit_range
+from anomalib_dpnr.components.prototypes import PrototypeMemory, kmeans_prototypes, merge_prototypes
+from anomalib_dpnr.components.weights import MissingWeightsError
+from anomalib_dpnr.models.dpnr.dp_sni import DPSNI, NoiseParameterizer
+from anomalib_dpnr.models.dpnr.loss import EpsilonLoss, RHNLoss
+from anomalib_dpnr.models.dpnr.repository import extract_patches
+from anomalib_dpnr.models.dpnr.torch_model import DpnrOutput
+
+
+def _images(batch: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Smooth random images in ``[-1, 1]`` with a bright object in the middle (so it has a foreground)."""
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.rand(batch, 3, size // 8, size // 8, generator=generator)
+    images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear") * 0.3
+    images[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] += 0.6
+    return images * 2 - 1
+
+
+def _built(**overrides: object) -> Dpnr:
+    """A tiny Dpnr whose repository is built from ``_images``."""
+    torch.manual_seed(0)
+    module = Dpnr(**{**TINY_DPNR, **overrides})
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return to_unit_range(_images(8)[index])
+
+    class Batch:
+        def __init__(self, images: list[torch.Tensor]) -> None:
+            self.image = torch.stack(images)
+
+    Images.collate_fn = staticmethod(Batch)
+    module.build_repository(Images())
+    return module
+
+
+# --- Dual-Prototype Noise Repository (Eqs. 6-9) ------------------------------------------------
+def test_merging_above_tau_removes_near_duplicates_only() -> None:
+    torch.manual_seed(0)
+    base = torch.eye(3) * 5  # three orthogonal directions
+    near = base + 0.01 * torch.randn(3, 3)  # a near-duplicate of each
+    merged = merge_prototypes(torch.cat([base, near]), threshold=0.99)
+    assert merged.shape == (3, 3)
+    torch.testing.assert_close(merged.sort(dim=0).values, ((base + near) / 2).sort(dim=0).values)
+    assert merge_prototypes(torch.cat([base, near]), threshold=1.0).shape == (6, 3)  # nothing is that similar
+
+
+def test_merging_is_transitive() -> None:
+    angles = torch.tensor([0.0, 0.1, 0.2])  # neighbours similar (cos 0.995), ends less so (cos 0.980)
+    chain = torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert merge_prototypes(chain, threshold=0.99).shape == (1, 2)
+
+
+def test_kmeans_then_merge_shrinks_a_redundant_repository() -> None:
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16) * 5
+    features = centres.repeat_interleave(50, dim=0) + 0.05 * torch.randn(200, 16)
+    memory = PrototypeMemory(num_prototypes=12, merge_threshold=0.98, seed=0)
+    prototypes = memory.fit(features)
+    assert int(memory.initial_count) == 12  # K-Means gives K prototypes, several per true cluster
+    assert prototypes.shape == (4, 16)  # merging leaves one per cluster
+    assert torch.cdist(prototypes, centres).min(dim=0).values.max() < 0.1
+    assert torch.equal(kmeans_prototypes(features, 12, seed=0), kmeans_prototypes(features, 12, seed=0))
+
+
+def test_prototype_memory_survives_save_and_load() -> None:
+    memory = PrototypeMemory(num_prototypes=3)
+    memory.fit(torch.randn(30, 8))
+    fresh = PrototypeMemory(num_prototypes=3)
+    assert not fresh.is_fitted
+    fresh.load_state_dict(memory.state_dict())
+    assert torch.equal(fresh.prototypes, memory.prototypes)
+
+
+def test_patches_come_from_inside_or_outside_the_mask() -> None:
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).reshape(2, 3, 8, 8)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, :, :4, :4] = 1
+    inside = extract_patches(images, masks, 4, 0.5, inside=True)
+    outside = extract_patches(images, masks, 4, 0.5, inside=False)
+    assert inside.shape == (1, 3, 4, 4) and outside.shape == (7, 3, 4, 4)
+    torch.testing.assert_close(inside[0], images[0, :, :4, :4])
+
+
+def test_repository_is_built_and_seeds_the_learnable_prototypes() -> None:
+    module = _built()
+    repository = module.model.repository
+    assert repository.is_fitted
+    assert 1 <= repository.foreground.prototypes.shape[0] <= TINY_DPNR["num_prototypes"]
+    matcher = module.model.dp_sni.matcher
+    torch.testing.assert_close(matcher.foreground_prototypes.data, repository.foreground.prototypes)
+    torch.testing.assert_close(matcher.background_prototypes.data, repository.background.prototypes)
+
+
+# --- DP-SNI (Eqs. 12-21) ----------------------------------------------------------------------
+def test_noise_base_is_scaled_tanh_of_the_reparameterised_sample() -> None:
+    sni = DPSNI(feature_dim=8, channels=3, noise_scale=2.0)
+    mean, log_variance, normal = torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), math.log(4.0)), torch.ones(1, 3, 2, 2)
+    torch.testing.assert_close(sni.noise_base(mean, log_variance, normal), torch.full((1, 3, 2, 2), 2.0 * math.tanh(2.5)))
+    mu, logvar = NoiseParameterizer(8, 3)(torch.randn(2, 8, 4, 4))
+    assert mu.abs().max() == 0 and logvar.abs().max() == 0  # training starts from N(0, 1)
+
+
+def test_blend_follows_the_foreground_mask() -> None:
+    sni = DPSNI(feature_dim=8, channels=3, foreground_weight=0.5, mask_sigma=0.0)
+    background, foreground = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    attention = torch.zeros(1, 1, 4, 4)
+    attention[..., :2] = 1  # left half foreground
+    noise, mask = sni.blend(background, foreground, attention, (16, 16))
+    up = torch.nn.functional.interpolate
+    up_bg = up(background, size=(16, 16), mode="bicubic")
+    up_fg = up(foreground, size=(16, 16), mode="bicubic")
+    torch.testing.assert_close(noise[..., :6], 0.5 * up_fg[..., :6])  # deep inside the foreground
+    torch.testing.assert_close(noise[..., -6:], up_bg[..., -6:])  # deep inside the background
+    torch.testing.assert_close(noise, (1 - mask) * up_bg + 0.5 * mask * up_fg)
+
+
+def test_dp_sni_shapes_and_attention() -> None:
+    module = _built()
+    features = module.model.embedder(_images(2))
+    out = module.model.dp_sni(features, (64, 64))
+    assert out.noise.shape == (2, 3, 64, 64)
+    assert out.mask.shape == (2, 1, 64, 64)
+    assert out.foreground_attention.shape == (2, 1, *features.shape[-2:])
+    assert 0 <= out.foreground_attention.min() and out.foreground_attention.max() <= 1
+    match = module.model.dp_sni.matcher(features)
+    torch.testing.assert_close(match.foreground_attention + match.background_attention, torch.ones_like(match.background_attention))
+    assert match.background.shape == match.foreground.shape == features.shape
+
+
+def test_seeded_structured_noise_is_reproducible_and_batch_independent() -> None:
+    module = _built().eval()
+    images = _images(3)
+    features = module.model.embedder(images)
+    a = module.model.dp_sni(features, (64, 64), torch.Generator().manual_seed(1)).noise
+    b = module.model.dp_sni(features[:1], (64, 64), torch.Generator().manual_seed(1)).noise
+    torch.testing.assert_close(a[:1], b)
+
+
+# --- RHN-Loss (Eqs. 22-28) --------------------------------------------------------------------
+def test_rhn_loss_matches_a_hand_computed_case() -> None:
+    loss = RHNLoss(alpha=0.0, beta=math.log(3.0), background_weight=0.5, snr_clamp=2.0)
+    predicted = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    structured = torch.tensor([1.0, -1.0, 1.0, -1.0]).view(1, 1, 2, 2)  # variance 4/3 (unbiased)
+    ideal = torch.zeros(1, 1, 2, 2)
+    mask = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    out = loss(predicted, structured, ideal, mask, snr=torch.tensor([10.0]))
+    struct = torch.tensor([0.0, 1.0, 1.0, 1.0]) / (2 * 4 / 3)
+    eps = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    spatial = torch.tensor([0.75, 0.5, 0.5, 0.5])  # sigmoid(log 3) = 0.75 inside, c = 0.5 outside
+    expected = 2.0 * ((0.5 * struct + 0.5 * eps) * spatial).mean()  # w(t) = min(10, 2)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_snr_weight_is_clamped_and_the_cosine_schedule_is_used() -> None:
+    loss = RHNLoss(snr_clamp=5.0)
+    torch.testing.assert_close(loss.timestep_weight(torch.tensor([0.1, 5.0, 1e4])), torch.tensor([0.1, 5.0, 5.0]))
+    schedule = Dpnr(**TINY_DPNR).model.schedule
+    t = torch.tensor([250, 500, 750])
+    expected = torch.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # Eq. 25 with diffusers' small offset
+    torch.testing.assert_close(schedule.alphas_cumprod[t], expected.float(), atol=2e-3, rtol=0)
+    snr = schedule.snr(torch.tensor([0, 999]))
+    assert loss.timestep_weight(snr)[0] == 5.0 and loss.timestep_weight(snr)[1] < 1e-3
+
+
+def test_rhn_weights_are_learnable_and_trained() -> None:
+    module = _built()
+    assert {name for name, p in module.loss.named_parameters() if p.requires_grad} == {"alpha", "beta"}
+    optimised = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+    assert id(module.loss.alpha) in optimised and id(module.model.dp_sni.matcher.foreground_prototypes) in optimised
+    assert not any(id(p) in optimised for p in module.model.embedder.parameters())  # Phi is frozen
+
+
+# --- model ------------------------------------------------------------------------------------
+def _training_output(module: Dpnr, seed: int = 0) -> tuple[DpnrOutput, dict[str, torch.Tensor], torch.Tensor]:
+    """One training forward on ``_images``; returns the output, the loss terms and the anomalous images."""
+    images = _images(4)
+    anomalous, masks = module.repository_generator(to_unit_range(images))
+    anomalous = from_unit_range(anomalous)
+    torch.manual_seed(seed)
+    output = module.model.train()(images, anomalous, masks)
+    return output, module.loss(output.predicted, output.structured, output.ideal, output.mask, output.snr), anomalous
+
+
+def test_training_outputs_and_ideal_noise_recovers_the_normal_image() -> None:
+    module = _built()
+    output, losses, anomalous = _training_output(module)
+    assert output.predicted.shape == output.structured.shape == output.ideal.shape == (4, 3, 64, 64)
+    assert output.mask.shape == (4, 1, 64, 64) and output.mask.max() > 0
+    assert torch.isfinite(losses["loss"])
+    images = _images(4)
+    schedule = module.model.schedule
+    ratio = (output.timesteps.float() / 1000).view(-1, 1, 1, 1)
+    abar = schedule.alphas_cumprod[output.timesteps].view(-1, 1, 1, 1)
+    z_syn = (1 - ratio) * images + ratio * anomalous  # Eq. 12
+    torch.testing.assert_close(output.noisy, abar.sqrt() * z_syn + (1 - abar).sqrt() * output.structured)  # Eq. 4
+    # x_t = sqrt(abar) z_s + sqrt(1 - abar) eps*: Eq. 5 with the ideal noise returns the normal image z_s,
+    # which is what teaches the denoiser to remove defects
+    torch.testing.assert_close(abar.sqrt() * images + (1 - abar).sqrt() * output.ideal, output.noisy, atol=1e-4, rtol=0)
+
+
+def test_inference_gives_an_inference_batch() -> None:
+    module = _built().eval()
+    with torch.no_grad():
+        out = module(_images(2))
+    assert isinstance(out, InferenceBatch)
+    assert out.pred_score.shape == (2,) and out.anomaly_map.shape == (2, 1, 64, 64)
+    with torch.no_grad():
+        again = module(_images(2))
+    assert torch.equal(out.pred_score, again.pred_score)
+
+
+def test_training_without_a_repository_fails_clearly() -> None:
+    module = Dpnr(**TINY_DPNR)
+    images = _images(2)
+    with pytest.raises(RuntimeError, match="repository is empty"):
+        module.model.train()(images, images, torch.zeros(2, 1, 64, 64))
+
+
+def test_loss_decreases_when_overfitting_a_few_images() -> None:
+    module = _built(learning_rate=2e-3)
+    optimizer = module.configure_optimizers()
+    images = _images(4)
+    torch.manual_seed(0)
+    anomalous, masks = module.repository_generator(to_unit_range(images))
+    anomalous = from_unit_range(anomalous)
+    module.model.train()
+    history = []
+    for _ in range(40):
+        torch.manual_seed(0)  # the same noise and timesteps every step: the loss curve is comparable
+        output = module.model(images, anomalous, masks)
+        loss = module.loss(output.predicted, output.structured, output.ideal, output.mask, output.snr)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert sum(history[-4:]) < 0.3 * sum(history[:4])  # measured: about 0.17 -> 0.01
+
+
+# --- ablation switches (Table 2) ---------------------------------------------------------------
+def test_structured_noise_off_injects_plain_gaussian_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _built(structured_noise=False)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("DP-SNI must not run when structured_noise is off")
+
+    monkeypatch.setattr(module.model.dp_sni, "forward", fail)
+    output, _, _ = _training_output(module)
+    torch.manual_seed(0)
+    module.model.schedule.sample_timesteps(4, torch.device("cpu"))
+    torch.testing.assert_close(output.structured, torch.randn(4, 3, 64, 64))
+    assert not Dpnr(**TINY_DPNR, structured_noise=False).model.needs_repository
+
+
+def test_dp_sni_off_injects_raw_real_noise() -> None:
+    module = _built(dp_sni=False)
+    output, _, anomalous = _training_output(module)
+    expected = module.model.raw_noise(_images(4), anomalous)
+    torch.testing.assert_close(output.structured, expected)
+    assert torch.allclose(output.structured.flatten(1).std(dim=1), torch.ones(4), atol=1e-4)
+
+
+def test_rhn_loss_off_uses_the_standard_epsilon_loss() -> None:
+    module = _built(rhn_loss=False)
+    assert isinstance(module.loss, EpsilonLoss)
+    output, losses, _ = _training_output(module)
+    torch.testing.assert_close(losses["loss"], torch.nn.functional.mse_loss(output.predicted, output.structured))
+    with_rhn = _built()
+    _, rhn_losses, _ = _training_output(with_rhn)
+    assert not torch.isclose(losses["loss"], rhn_losses["loss"])
+
+
+# --- checkpoints, weights, latent space ---------------------------------------------------------
+def test_checkpoint_reload_restores_repository_and_predictions(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    module = _built().eval()
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "dpnr.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = Dpnr.load_from_checkpoint(path).eval()
+    for name in ("foreground", "background"):
+        assert torch.equal(getattr(reloaded.model.repository, name).prototypes, getattr(module.model.repository, name).prototypes)
+    with torch.no_grad():
+        a, b = module(_images(2)), reloaded(_images(2))
+    assert torch.equal(a.pred_score, b.pred_score) and torch.equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_missing_backbone_weights_say_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(MissingWeightsError, match="anomalib-dpnr weights install efficientnet_lite0"):
+        Dpnr(**{**TINY_DPNR, "pre_trained": True})
+    with pytest.raises(MissingWeightsError, match="not found"):
+        Dpnr(**{**TINY_DPNR, "pre_trained": False, "backbone_weights": str(tmp_path / "nope.pth")})
+
+
+def test_latent_space_from_a_local_vae_folder(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, layers_per_block=1,
+    ).save_pretrained(tmp_path / "vae")  # fmt: skip
+    module = _built(vae_path=str(tmp_path / "vae"))
+    assert module.model.codec.channels == 4 and module.model.codec.factor == 2
+    output, losses, _ = _training_output(module)
+    assert output.predicted.shape == (4, 4, 32, 32) and torch.isfinite(losses["loss"])
+    with torch.no_grad():
+        assert module.eval()(_images(2)).anomaly_map.shape == (2, 1, 64, 64)
+    assert not any(p.requires_grad for p in module.model.codec.parameters())
+    with pytest.raises(MissingWeightsError, match="VAE folder not found"):
+        Dpnr(**{**TINY_DPNR, "vae_path": str(tmp_path / "missing")})
+
+
+def test_bad_input_is_named() -> None:
+    model = _built().model.eval()
+    with pytest.raises(ValueError, match="channel"):
+        model(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.zeros(1, 3, 60, 60))
