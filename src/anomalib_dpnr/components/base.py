@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from anomalib import LearningType
+from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from .processing import diffusion_evaluator, diffusion_pre_processor
 
@@ -59,6 +62,16 @@ class DiffusionAnomalyModule(AnomalibModule):
                 "it needs normal images (MVTec layout: <root>/<category>/train/good/*.png)"
             )
             raise ValueError(msg)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Predict maps and scores so anomalib can fit thresholds and normalisation."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """Log every loss term as ``train_<name>`` and return the total ``loss``."""
+        self.log_dict({f"train_{name}": value for name, value in losses.items()}, prog_bar=True, on_epoch=True, batch_size=batch_size)
+        return losses["loss"]
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -124,18 +124,7 @@ class DiffusionAD(DiffusionAnomalyModule):
         augmented, masks = self.generator(to_unit_range(batch.image))
         output = self.model(from_unit_range(augmented))
         losses = self.loss(output.noise, output.predicted_noise, masks, output.mask_logits)
-        self.log_dict(
-            {f"train_{name}": value for name, value in losses.items()},
-            prog_bar=True,
-            on_epoch=True,
-            batch_size=batch.image.shape[0],
-        )
-        return losses["loss"]
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict maps and scores so anomalib can fit thresholds and normalisation."""
-        del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
+        return self.log_losses(losses, batch.image.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on both sub-networks (Sec. 4.2)."""

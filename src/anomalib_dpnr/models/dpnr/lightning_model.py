@@ -239,18 +239,7 @@ class Dpnr(DiffusionAnomalyModule):
         anomalous, masks = self.generator(to_unit_range(batch.image))
         output = self.model(batch.image, from_unit_range(anomalous), masks)
         losses = self.loss(output.predicted, output.structured, output.ideal, output.mask, output.snr)
-        self.log_dict(
-            {f"train_{name}": value for name, value in losses.items()},
-            prog_bar=True,
-            on_epoch=True,
-            batch_size=batch.image.shape[0],
-        )
-        return losses["loss"]
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict maps and scores so anomalib can fit thresholds and normalisation."""
-        del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
+        return self.log_losses(losses, batch.image.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW on the denoiser, DP-SNI and the RHN-Loss weights; ``Phi`` and the VAE stay frozen."""
