@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from anomalib_dpnr.cli import QUICK_ARGS, find_repo_file, find_shared_data
+    from anomalib_dpnr.cli import find_repo_file, find_shared_data, quick_args
     from anomalib_dpnr.data import make_synthetic_dataset
 
     configs = [str(c if Path(c).is_file() else find_repo_file(c)) for c in args.config or ["configs/diffusion_ad/cpu.yaml"]]
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         root = make_synthetic_dataset(Path(tempfile.mkdtemp()), image_size=64, num_train=8, num_test_good=4,
                                       num_test_defect=4)
-        jobs = [(c, str(root), "woven", [*QUICK_ARGS, *TEXTURE_ARGS]) for c in configs]
+        jobs = [(c, str(root), "woven", [*quick_args(c), *TEXTURE_ARGS]) for c in configs]
     else:
         shared = args.data_root or find_shared_data()
         if shared is None:
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                 sub, category, texture = DATASETS[name]
                 jobs.append((config, str((shared / sub).resolve()), category, TEXTURE_ARGS if texture else []))
 
-    _ensure_backbone_weights()
+    if not args.quick:  # toy models use random-init backbones
+        _ensure_backbone_weights()
     rows = []
     for config, root, category, extra in jobs:
         job = {"config": config, "root": root, "category": category, "extra": extra, "seed": args.seed}

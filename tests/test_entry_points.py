@@ -32,18 +32,27 @@ def test_benchmark_quick_writes_csv_and_readme_table(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:diffusion_ad -->\nold\n<!-- /bench:diffusion_ad -->\nend\n")
     out = tmp_path / "quick.csv"
+    earlier = {"model": "Padim", "config": "x.yaml", "dataset": "woven", "image_AUROC": "0.5"}
+    with out.open("w", newline="") as handle:  # a row from an earlier run, kept by --append
+        writer = csv.DictWriter(handle, fieldnames=list(earlier))
+        writer.writeheader()
+        writer.writerow(earlier)
+    configs = ["--config", "configs/diffusion_ad/cpu.yaml", "--config", "configs/dpnr/cpu.yaml"]
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--csv", str(out), "--readme", str(readme)],
-        capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path,
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", *configs, "--csv", str(out), "--append",
+         "--readme", str(readme)],
+        capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    (row,) = list(csv.DictReader(out.open()))
-    assert row["model"] == "DiffusionAD"
-    for column in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score"):
-        assert 0.0 <= float(row[column]) <= 1.0
-    assert float(row["train_seconds"]) > 0 and float(row["infer_ms_per_image"]) > 0 and int(row["peak_rss_mb"]) > 100
+    rows = list(csv.DictReader(out.open()))
+    assert [row["model"] for row in rows] == ["Padim", "DiffusionAD", "Dpnr"]
+    for row in rows[1:]:
+        for column in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Score"):
+            assert 0.0 <= float(row[column]) <= 1.0
+        assert float(row["train_seconds"]) > 0 and float(row["infer_ms_per_image"]) > 0 and int(row["peak_rss_mb"]) > 100
     text = readme.read_text()
     assert "old" not in text and "| DiffusionAD | configs/diffusion_ad/cpu.yaml | woven |" in text
+    assert "| Dpnr | configs/dpnr/cpu.yaml | woven |" in text
     assert text.startswith("intro\n") and text.endswith("end\n")
 
 

@@ -13,16 +13,30 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["QUICK_ARGS", "find_repo_file", "find_shared_data", "main"]
+__all__ = ["QUICK_ARGS", "find_repo_file", "find_shared_data", "main", "quick_args"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Toy scale of the CPU config (64 px, tiny networks, one epoch): the same code path, in seconds.
 QUICK_ARGS = [
     "--model.image_size", "64", "--model.block_out_channels", "[16, 32, 32, 32]",
-    "--model.attention_head_dim", "16", "--model.norm_num_groups", "8", "--model.segmentation_width", "8",
+    "--model.attention_head_dim", "16", "--model.norm_num_groups", "8",
     "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
 ]  # fmt: skip
+# What each model adds at toy scale (random-init backbones: nothing is loaded).
+QUICK_MODEL_ARGS = {
+    "DiffusionAD": ["--model.segmentation_width", "8"],
+    "Dpnr": ["--model.pre_trained", "false", "--model.num_prototypes", "4", "--model.repository_patch_size", "16",
+             "--model.attention_dim", "16", "--model.parameterizer_width", "16"],
+}  # fmt: skip
+
+
+def quick_args(config: str | Path) -> list[str]:
+    """``QUICK_ARGS`` plus the toy-scale arguments of the model a config names."""
+    import yaml
+
+    class_path = yaml.safe_load(Path(config).read_text())["model"]["class_path"]
+    return [*QUICK_ARGS, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], [])]
 
 
 def find_repo_file(relative: str) -> Path:
@@ -49,7 +63,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from anomalib_dpnr.data import make_synthetic_dataset
 
-    cli_args = ["train", "--config", str(find_repo_file("configs/diffusion_ad/cpu.yaml"))]
+    config = find_repo_file("configs/diffusion_ad/cpu.yaml")
+    cli_args = ["train", "--config", str(config)]
     shared = None if args.generated else find_shared_data()
     if shared is not None:
         print(f"[demo] MVTec AD bottle from {shared / 'mvtec_ad'}")
@@ -62,7 +77,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"[demo] {reason}: generated a {size} px MVTec-layout dataset under {root}")
         cli_args += ["--data.root", str(root), "--data.category", "woven", "--model.use_foreground", "false"]
     if args.quick:
-        cli_args += QUICK_ARGS
+        cli_args += quick_args(config)
     if args.max_epochs is not None:
         cli_args += ["--trainer.max_epochs", str(args.max_epochs), "--trainer.check_val_every_n_epoch", str(args.max_epochs)]
     cli_args += ["--default_root_dir", str(Path(args.output) / "results")]
