@@ -1,7 +1,7 @@
 """Pieces shared by the diffusion models: schedules, UNets, synthetic anomalies, processing."""
 
 from .base import DiffusionAnomalyModule
-from .diffusion import NoiseSchedule
+from .diffusion import NoiseSchedule, gaussian_noise
 from .processing import (
     AnomalyScorer,
     diffusion_evaluator,
@@ -27,6 +27,7 @@ __all__ = [
     "diffusion_pre_processor",
     "estimate_foreground",
     "from_unit_range",
+    "gaussian_noise",
     "gaussian_blur",
     "image_size_pair",
     "self_augment",

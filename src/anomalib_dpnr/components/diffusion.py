@@ -12,12 +12,23 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-__all__ = ["NoiseSchedule"]
+__all__ = ["NoiseSchedule", "gaussian_noise"]
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample ``[B]`` vector to broadcast against ``like`` ``[B, C, H, W]``."""
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def gaussian_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``like``.
+
+    With a ``generator`` one sample is drawn and shared by the whole batch, so inference scores repeat
+    exactly and do not depend on which images share a batch; without one, every image gets its own.
+    """
+    if generator is None:
+        return torch.randn_like(like)
+    return torch.randn((1, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype).expand_as(like)
 
 
 class NoiseSchedule(nn.Module):

@@ -10,7 +10,14 @@ from anomalib.data import InferenceBatch
 from anomalib.models.image.draem.torch_model import DiscriminativeSubNetwork
 from torch import nn
 
-from anomalib_dpnr.components import AnomalyScorer, NoiseSchedule, build_unet, check_images, unet_downsampling_factor
+from anomalib_dpnr.components import (
+    AnomalyScorer,
+    NoiseSchedule,
+    build_unet,
+    check_images,
+    gaussian_noise,
+    unet_downsampling_factor,
+)
 
 __all__ = ["DiffusionADModel", "DiffusionADOutput"]
 
@@ -102,9 +109,8 @@ class DiffusionADModel(nn.Module):
         anomaly_map = torch.zeros_like(images[:, :1])
         for index, step in enumerate(self.inference_timesteps):
             generator = torch.Generator(device=images.device).manual_seed(self.inference_seed + index)
-            noise = torch.randn((1, *images.shape[1:]), generator=generator, device=images.device, dtype=images.dtype)
             timesteps = torch.full((images.shape[0],), step, device=images.device, dtype=torch.long)
-            _, reconstruction = self.denoise(images, noise.expand_as(images), timesteps)
+            _, reconstruction = self.denoise(images, gaussian_noise(images, generator), timesteps)
             anomaly_map = anomaly_map + torch.sigmoid(self.segment(images, reconstruction))
         anomaly_map, pred_score = self.scorer(anomaly_map / len(self.inference_timesteps))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_dpnr.components.diffusion import gaussian_noise
 from anomalib_dpnr.components.processing import gaussian_blur
 from anomalib_dpnr.components.prototypes import DynamicShapeMixin
 
@@ -158,14 +159,9 @@ class DPSNI(nn.Module):
         With a ``generator``, ``z`` is drawn once and shared by the batch (reproducible, batch-independent).
         """
         match = self.matcher(features)
-        shape = (features.shape[0], self.channels, *features.shape[-2:])
         bases = []
         for parameterizer, feature in ((self.background_parameterizer, match.background), (self.foreground_parameterizer, match.foreground)):
             mean, log_variance = parameterizer(feature)
-            if generator is None:
-                normal = torch.randn(shape, device=features.device, dtype=features.dtype)
-            else:
-                normal = torch.randn((1, *shape[1:]), generator=generator, device=features.device, dtype=features.dtype).expand(shape)
-            bases.append(self.noise_base(mean, log_variance, normal))
+            bases.append(self.noise_base(mean, log_variance, gaussian_noise(mean, generator)))
         noise, mask = self.blend(bases[0], bases[1], match.foreground_attention, size)
         return StructuredNoise(noise, mask, match.foreground_attention)

@@ -25,6 +25,7 @@ from anomalib_dpnr.components import (
     build_unet,
     check_images,
     gaussian_blur,
+    gaussian_noise,
     unet_downsampling_factor,
 )
 from anomalib_dpnr.components.features import FeatureEmbedder, feature_distance_map
@@ -151,10 +152,7 @@ class DpnrModel(nn.Module):
     ) -> torch.Tensor:
         """The forward-process noise ``eta``: DP-SNI structured noise, raw real noise or Gaussian."""
         if not self.structured_noise:
-            if generator is None:
-                return torch.randn_like(latents)
-            normal = torch.randn((1, *latents.shape[1:]), generator=generator, device=latents.device, dtype=latents.dtype)
-            return normal.expand_as(latents)
+            return gaussian_noise(latents, generator)
         if not self.use_dp_sni:
             return self.raw_noise(latents, anomalous_latents)
         return self.dp_sni(self.embedder(images), latents.shape[-2:], generator).noise
