@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["BenchmarkError", "register", "run_benchmark"]
+__all__ = ["BenchmarkError", "build_model", "load_grid", "parse_model", "register", "run_benchmark"]
 
 LOG = Path("runs/pipeline.log")  # where anomalib's pipeline logs (relative to the working directory)
 RESULTS = Path("runs/benchmark")  # where it writes <timestamp>/results.csv
@@ -51,22 +51,34 @@ def register() -> None:
         anomalib.data.MVTec = anomalib_dpnr.MVTec
 
 
-def build_model(config: Any, seed: int | None = None):  # noqa: ANN201
-    """An ``AnomalibModule`` from ``{class_path, init_args}``, parsed and instantiated like ``anomalib train`` does."""
+def _model_parser():  # noqa: ANN202
     from anomalib.models import AnomalibModule
     from jsonargparse import ArgumentParser
-    from lightning.pytorch import seed_everything
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(AnomalibModule, "model", required=True)
+    return parser
+
+
+def parse_model(config: Any):  # noqa: ANN201
+    """Check a grid entry ``{class_path, init_args}`` against the model's signature (nothing is built)."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config)
     if isinstance(config, str):
         config = {"class_path": config}
+    return _model_parser().parse_object({"model": config})
+
+
+def build_model(config: Any, seed: int | None = None):  # noqa: ANN201
+    """An ``AnomalibModule`` from ``{class_path, init_args}``, parsed and instantiated like ``anomalib train`` does."""
+    from lightning.pytorch import seed_everything
+
+    parsed = parse_model(config)
     if seed is not None:  # anomalib seeds only inside the job, after the first model was built
         seed_everything(seed)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(AnomalibModule, "model", required=True)
-    return parser.instantiate_classes(parser.parse_object({"model": config})).model
+    return _model_parser().instantiate_classes(parsed).model
 
 
 def _patch(trainer: dict[str, Any], seed: int | None) -> None:

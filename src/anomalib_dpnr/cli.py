@@ -15,30 +15,34 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["QUICK_ARGS", "find_repo_file", "find_shared_data", "main", "quick_args"]
+__all__ = ["QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_repo_file", "find_shared_data", "main", "quick_args"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# Toy scale of the CPU config (64 px, tiny networks, one epoch): the same code path, in seconds.
+# One epoch, no loader workers: what every model gets at toy scale.
+QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
+# Toy scale of the diffusion CPU configs (64 px, tiny networks, one epoch): the same code path, in seconds.
 QUICK_ARGS = [
     "--model.image_size", "64", "--model.block_out_channels", "[16, 32, 32, 32]",
-    "--model.attention_head_dim", "16", "--model.norm_num_groups", "8",
-    "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+    "--model.attention_head_dim", "16", "--model.norm_num_groups", "8", *QUICK_TRAINER_ARGS,
 ]  # fmt: skip
 # What each model adds at toy scale (random-init backbones: nothing is loaded).
 QUICK_MODEL_ARGS = {
     "DiffusionAD": ["--model.segmentation_width", "8"],
     "Dpnr": ["--model.pre_trained", "false", "--model.num_prototypes", "4", "--model.repository_patch_size", "16",
              "--model.attention_dim", "16", "--model.parameterizer_width", "16"],
+    "Padim": ["--model.pre_trained", "false"],
+    "Patchcore": ["--model.pre_trained", "false", "--model.coreset_sampling_ratio", "0.1"],
 }  # fmt: skip
 
 
 def quick_args(config: str | Path) -> list[str]:
-    """``QUICK_ARGS`` plus the toy-scale arguments of the model a config names."""
+    """Toy-scale arguments for a config: ``QUICK_ARGS`` (diffusion models) or one epoch (anomalib models)."""
     import yaml
 
     class_path = yaml.safe_load(Path(config).read_text())["model"]["class_path"]
-    return [*QUICK_ARGS, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], [])]
+    base = QUICK_TRAINER_ARGS if class_path.startswith("anomalib.") else QUICK_ARGS
+    return [*base, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], [])]
 
 
 def find_repo_file(relative: str) -> Path:

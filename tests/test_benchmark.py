@@ -1,0 +1,187 @@
+"""Benchmarks: ``anomalib-dpnr benchmark`` (anomalib's pipeline with plugin models) and ``benchmarks/run.py``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY_DIFFUSION_AD
+
+from anomalib_dpnr.benchmark import load_grid, parse_model, register
+
+spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+GRIDS = sorted((REPO / "benchmarks" / "configs").glob("*.yaml"))
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, check=False, cwd=cwd)
+
+
+def tiny_grid(path: Path, data: Path, models: list[dict]) -> Path:
+    grid = {
+        "accelerator": "cpu",
+        "trainer": {"max_epochs": 1, "num_sanity_val_steps": 0},
+        "benchmark": {
+            "seed": 42,
+            "model": {"grid": models},
+            "data": {"class_path": "MVTecAD", "init_args": {
+                "root": str(data), "category": "woven", "num_workers": 0, "train_batch_size": 8, "eval_batch_size": 8,
+                "val_split_mode": "from_test", "val_split_ratio": 0.5, "seed": 42}},
+        },
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
+def test_grid_configs_are_fair_and_parse(grid: Path) -> None:
+    """Every entry parses against its model, at 128 px, on the from_test split with seed 42, for bounded epochs."""
+    register()
+    config, trainer = load_grid(grid)
+    assert trainer["max_epochs"] == 8 and trainer["check_val_every_n_epoch"] == 8
+    data = config["benchmark"]["data"]["init_args"]
+    assert (data["val_split_mode"], data["val_split_ratio"], data["seed"], config["benchmark"]["seed"]) == ("from_test", 0.5, 42, 42)
+    names = set()
+    for entry in config["benchmark"]["model"]["grid"]:
+        init = parse_model(entry).model.init_args
+        names.add(entry["class_path"].rsplit(".", 1)[-1])
+        if "image_size" in init:
+            assert init.image_size == 128
+        else:  # anomalib baselines: the same 128 px resize and the plugin models' metrics (AUPRO included)
+            assert entry["init_args"]["pre_processor"]["init_args"]["transform"]["init_args"]["transforms"][0]["init_args"]["size"] == [128, 128]
+            assert entry["init_args"]["evaluator"]["init_args"]["test_metrics"][-1]["class_path"] == "anomalib.metrics.AUPRO"
+    assert {"Padim", "Patchcore", "DiffusionAD", "Dpnr"} <= names
+
+
+def test_load_grid_rejects_bad_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {class_path: Padim}\n")
+    with pytest.raises(ValueError, match="needs a 'benchmark:' section"):
+        load_grid(bad)
+    bad.write_text("trainer: {devices: 2}\nbenchmark: {model: Padim}\n")
+    with pytest.raises(ValueError, match="devices"):
+        load_grid(bad)
+    with pytest.raises(FileNotFoundError):
+        load_grid(tmp_path / "missing.yaml")
+    _, trainer = load_grid(GRIDS[0], max_epochs=1)
+    assert trainer["max_epochs"] == trainer["check_val_every_n_epoch"] == 1  # validation (thresholds) still runs
+
+
+def test_run_plan_fair_jobs(tmp_path: Path) -> None:
+    """Same seed/split everywhere, PatchCore added as reference, per-dataset arguments, variants on bottle only."""
+    defaults = {"config": None, "variant": [], "datasets": ["bottle", "magnetic_tile"], "variant_datasets": ["bottle"],
+                "data_root": tmp_path, "seed": 42, "reference": True, "quick": False, "max_epochs": None}  # fmt: skip
+    parse = lambda *a: argparse.Namespace(**{**defaults, **dict(a)})  # noqa: E731
+    jobs = bench.plan(parse(("variant", ["configs/dpnr/cpu.yaml --model.dp_sni false"])))
+    found = {(j["_model"], j["label"], j["category"]): j["extra"] for j in jobs}
+    assert [j["_model"] for j in jobs[:4]] == ["Padim", "Padim", "Patchcore", "Patchcore"] and {j["seed"] for j in jobs} == {42}
+    assert ("DiffusionAD", "configs/diffusion_ad/cpu.yaml", "magnetic_tile") in found
+    assert found[("Patchcore", "configs/baselines/patchcore_cpu.yaml", "magnetic_tile")] == ["--model.coreset_sampling_ratio", "0.001"]
+    assert found[("Patchcore", "configs/baselines/patchcore_cpu.yaml", "bottle")] == []
+    assert found[("Padim", "configs/baselines/padim_cpu.yaml", "magnetic_tile")] == []  # no use_foreground there
+    assert bench.TEXTURE_ARGS[0] in found[("Dpnr", "configs/dpnr/cpu.yaml", "magnetic_tile")]
+    variant = [key for key in found if "dp_sni" in key[1]]
+    assert variant == [("Dpnr", "configs/dpnr/cpu.yaml --model.dp_sni false", "bottle")]
+    assert found[variant[0]][-2:] == ["--model.dp_sni", "false"]
+    only = bench.plan(parse(("config", ["configs/diffusion_ad/cpu.yaml"]), ("max_epochs", 1)))
+    assert [j["_model"] for j in only] == ["Patchcore", "Patchcore", "DiffusionAD", "DiffusionAD"]
+    assert "--trainer.max_epochs" in only[-1]["extra"]
+
+
+def test_ratios_and_plot(tmp_path: Path) -> None:
+    rows = [
+        {"model": "Patchcore", "config": "p.yaml", "dataset": "bottle", "run_id": "a", "train_seconds": 10.0, "infer_ms_per_image": 20.0},
+        {"model": "Dpnr", "config": "d.yaml --model.dp_sni false", "dataset": "bottle", "run_id": "a", "train_seconds": 50.0, "infer_ms_per_image": 100.0},
+        {"model": "Dpnr", "config": "d.yaml", "dataset": "bottle", "run_id": "b", "train_seconds": 50.0, "infer_ms_per_image": 100.0},
+    ]  # fmt: skip
+    for row in rows:
+        row.update(image_AUROC=0.9, image_F1Score=0.8, pixel_AUROC=0.7, pixel_AUPRO=0.6)
+    bench.add_ratios(rows)
+    assert (rows[0]["train_x_patchcore"], rows[1]["train_x_patchcore"], rows[1]["infer_x_patchcore"]) == (1.0, 5.0, 5.0)
+    assert "train_x_patchcore" not in rows[2]  # no PatchCore in run b: no ratio
+    assert bench.label(rows[1]) == "Dpnr dp_sni=false"
+    bench.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
+    """The default comparison (PaDiM, PatchCore, every plugin CPU config) at toy scale: CSV, ratios, plot, README."""
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:comparison -->\nold\n<!-- /bench:comparison -->\nend\n")
+    out = tmp_path / "quick.csv"
+    earlier = {"model": "Padim", "config": "x.yaml", "dataset": "woven", "image_AUROC": "0.5"}
+    with out.open("w", newline="") as handle:  # a row from an earlier run, kept by --append
+        writer = csv.DictWriter(handle, fieldnames=list(earlier))
+        writer.writeheader()
+        writer.writerow(earlier)
+    done = run(str(REPO / "benchmarks" / "run.py"), "--quick", "--csv", str(out), "--append", "--readme", str(readme), cwd=REPO)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [row["model"] for row in rows] == ["Padim", "Padim", "Patchcore", "DiffusionAD", "Dpnr"]
+    new = rows[1:]
+    assert len({row["run_id"] for row in new}) == 1 and {row["seed"] for row in new} == {"42"}
+    for row in new:
+        for column in bench.METRICS:
+            assert 0.0 <= float(row[column]) <= 1.0, (row["model"], column)
+        assert float(row["train_seconds"]) > 0 and float(row["infer_ms_per_image"]) > 0 and int(row["peak_rss_mb"]) > 100
+        assert float(row["train_x_patchcore"]) > 0 and float(row["infer_x_patchcore"]) > 0
+    assert float(new[1]["train_x_patchcore"]) == 1.0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    text = readme.read_text()
+    assert "old" not in text and "| Patchcore | configs/baselines/patchcore_cpu.yaml | woven |" in text
+    assert "| Dpnr | configs/dpnr/cpu.yaml | woven |" in text and "infer_x_patchcore" in text
+    assert text.startswith("intro\n") and text.endswith("end\n")
+
+
+@pytest.mark.slow
+def test_run_fails_loudly_when_a_job_fails(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO / "configs" / "diffusion_ad" / "cpu.yaml").read_text())
+    config["model"]["init_args"]["inference_timesteps"] = [100, 5000]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    out = tmp_path / "x.csv"
+    done = run(str(REPO / "benchmarks" / "run.py"), "--quick", "--no-reference", "--config", str(bad), "--csv", str(out), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "FAILED" in done.stderr
+    assert "timesteps must lie in [0, 999]" in " ".join(done.stderr.split())
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_anomalib_benchmark_with_plugin_and_anomalib_models(tmp_path: Path, tiny_dataset: Path) -> None:
+    """A grid mixing DiffusionAD and PaDiM (different init_args) runs through anomalib's pipeline, one epoch each."""
+    tiny = {**TINY_DIFFUSION_AD, "use_foreground": False}
+    padim = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "pre_trained": False, "n_features": 50}
+    models = [{"class_path": "anomalib_dpnr.DiffusionAD", "init_args": tiny}, {"class_path": "Padim", "init_args": padim}]
+    grid = tiny_grid(tmp_path / "grid.yaml", tiny_dataset, models)
+    done = run("-m", "anomalib_dpnr.cli", "benchmark", "--config", str(grid), "--csv", str(tmp_path / "out.csv"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "out.csv").open()))
+    assert [row["model.class_path"] for row in rows] == ["anomalib_dpnr.DiffusionAD", "Padim"]
+    for row in rows:
+        assert 0.0 <= float(row["image_AUROC"]) <= 1.0 and 0.0 <= float(row["pixel_AUROC"]) <= 1.0
+    assert rows[0]["model.init_args.segmentation_width"] and rows[1]["model.init_args.n_features"]  # union of columns
+    assert float(rows[0]["pixel_AUPRO"]) >= 0.0
+
+
+@pytest.mark.slow
+def test_anomalib_benchmark_fails_loudly(tmp_path: Path, tiny_dataset: Path) -> None:
+    """anomalib logs a failed job and exits 0 with an empty CSV; the wrapper exits 1 and shows the error."""
+    padim = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "pre_trained": False}
+    grid = tiny_grid(tmp_path / "grid.yaml", tiny_dataset, [{"class_path": "Padim", "init_args": padim}])
+    config = yaml.safe_load(grid.read_text())
+    config["benchmark"]["data"]["init_args"]["train_batch_size"] = 0  # fails inside the job, at fit time
+    grid.write_text(yaml.safe_dump(config))
+    done = run("-m", "anomalib_dpnr.cli", "benchmark", "--config", str(grid), cwd=tmp_path)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[benchmark] FAILED" in done.stderr and "0 of 1 job results" in done.stderr
