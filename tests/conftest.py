@@ -40,6 +40,10 @@ TINY_DPNR = {
     "parameterizer_width": 16,
 }
 
+# Every plugin model, once: class name in anomalib_dpnr -> (config folder under configs/, tiny init_args).
+# Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
+MODELS = {"DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_DIFFUSION_AD, TINY_DPNR
+from conftest import MODELS, REPO
 
 pytestmark = pytest.mark.slow
-
-# model class name -> (config folder, tiny init_args); every plugin model goes through the same round trip
-MODELS = {"DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
 
 METRIC_ROW = re.compile(r"│\s+((?:image|pixel)_\w+)\s+│\s+([-\d.e]+|nan)\s+│")
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
+from anomalib.utils.serialization import anomalib_safe_globals
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
+from .distributed import sync_fitted_state
 from .processing import diffusion_evaluator, diffusion_pre_processor
+from .validation import as_rgb, check_image_size
 
 __all__ = ["DiffusionAnomalyModule"]
 
@@ -50,9 +56,17 @@ class DiffusionAnomalyModule(AnomalibModule):
         """Image AUROC/F1 and pixel AUROC/F1/AUPRO."""
         return diffusion_evaluator()
 
+    def forward(self, batch: torch.Tensor, *args, **kwargs) -> InferenceBatch:
+        """Pre-process, predict, post-process; grayscale ``[B, 1, H, W]`` input is taken as RGB (``as_rgb``)."""
+        return super().forward(as_rgb(batch, type(self).__name__), *args, **kwargs)
+
     def setup(self, stage: str | None = None) -> None:
-        """Fail clearly on an empty training set instead of deep inside the data loader."""
+        """Fail clearly on an image size the model cannot take, an unreadable ``--ckpt_path`` file or an
+        empty training set, instead of deep inside torch or the data loader."""
         super().setup(stage)
+        check_image_size(self.input_size, getattr(self.model, "size_multiple", 1), type(self).__name__)
+        if self._trainer is not None and not isinstance(self.trainer.strategy.checkpoint_io, CheckedCheckpointIO):
+            self.trainer.strategy.checkpoint_io = CheckedCheckpointIO(self.trainer.strategy.checkpoint_io)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         train_data = getattr(datamodule, "train_data", None)
         if stage == "fit" and train_data is not None and len(train_data) == 0:
@@ -62,6 +76,35 @@ class DiffusionAnomalyModule(AnomalibModule):
                 "it needs normal images (MVTec layout: <root>/<category>/train/good/*.png)"
             )
             raise ValueError(msg)
+
+    def configure_model(self) -> None:
+        """Under DDP, after ``setup`` fitted data-dependent state on each rank: check the ranks agree, use rank 0's."""
+        super().configure_model()
+        if self._trainer is not None and self.trainer.world_size > 1 and self.trainer.state.fn == "fit":
+            sync_fitted_state(self, self.trainer.strategy, type(self).__name__)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``SaveOnInterrupt``: Ctrl-C / SIGTERM during ``fit`` leaves a loadable ``interrupted.ckpt``."""
+        return [*super().configure_callbacks(), SaveOnInterrupt()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record which model wrote the checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[MODEL_KEY] = type(self).__name__
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model by name (``check_checkpoint_model``)."""
+        check_checkpoint_model(checkpoint, type(self).__name__, set(self.state_dict()))
+        super().on_load_checkpoint(checkpoint)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> DiffusionAnomalyModule:  # type: ignore[override]
+        """anomalib's loader, after checking the file is complete and was written by this model."""
+        check_checkpoint_file(checkpoint_path)
+        with anomalib_safe_globals(extra=cls.checkpoint_safe_globals()):  # tensors are mapped, not read
+            peek = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+        check_checkpoint_model(peek, cls.__name__)  # before the constructor sees another model's arguments
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores so anomalib can fit thresholds and normalisation."""

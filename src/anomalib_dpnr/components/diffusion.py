@@ -28,7 +28,15 @@ def gaussian_noise(like: torch.Tensor, generator: torch.Generator | None = None)
     """
     if generator is None:
         return torch.randn_like(like)
-    return torch.randn((1, *like.shape[1:]), generator=generator, device=like.device, dtype=like.dtype).expand_as(like)
+    shape = (1, *like.shape[1:])
+    if torch.compiler.is_exporting():  # export (ONNX) cannot trace a Generator: draw the same sample as a constant
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+        with unset_fake_temporarily(), disable_proxy_modes_tracing():
+            sample = torch.randn([int(s) for s in shape], generator=generator, device=like.device, dtype=like.dtype)
+        return sample.expand_as(like)
+    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype).expand_as(like)
 
 
 class NoiseSchedule(nn.Module):

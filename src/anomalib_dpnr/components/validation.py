@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_images"]
+__all__ = ["as_rgb", "check_image_size", "check_images"]
 
 
 def check_images(images: torch.Tensor, channels: int, multiple: int, model: str) -> None:
@@ -27,6 +27,33 @@ def check_images(images: torch.Tensor, channels: int, multiple: int, model: str)
             f"set the model's image_size (e.g. {max(multiple, round(height / multiple) * multiple)})"
         )
         raise ValueError(msg)
-    if not torch.isfinite(images).all():
+    if not _tracing() and not torch.isfinite(images).all():
         msg = f"{model} got NaN or infinite pixel values"
+        raise ValueError(msg)
+
+
+def _tracing() -> bool:
+    """Whether the model is being exported/traced: value checks are data-dependent and are left out then."""
+    return torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def as_rgb(images: torch.Tensor, model: str) -> torch.Tensor:
+    """``[B, 1, H, W]`` grayscale repeated to RGB (what anomalib's image readers do with grayscale files);
+    ``[B, 3, H, W]`` unchanged; any other channel count is refused by name before pre-processing."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] == 3:
+        return images  # anything else not 4-D is named by check_images inside the model
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    msg = f"{model} expects RGB (3-channel) or grayscale (1-channel) images, got {images.shape[1]} channels"
+    raise ValueError(msg)
+
+
+def check_image_size(size: tuple[int, int] | torch.Size | None, multiple: int, model: str) -> None:
+    """Refuse a configured ``image_size`` the model's down-sampling cannot take."""
+    if size is None or multiple <= 1:
+        return
+    height, width = (int(s) for s in size)
+    if height % multiple or width % multiple:
+        fit = [max(multiple, round(s / multiple) * multiple) for s in (height, width)]
+        msg = f"{model}: image_size {height}x{width} is not divisible by {multiple}; use e.g. image_size: {fit}"
         raise ValueError(msg)

@@ -19,7 +19,13 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import DataLoader, Dataset
 
-from anomalib_dpnr.components import DiffusionAnomalyModule, SyntheticAnomalyGenerator, from_unit_range, to_unit_range
+from anomalib_dpnr.components import (
+    DiffusionAnomalyModule,
+    SyntheticAnomalyGenerator,
+    check_images,
+    from_unit_range,
+    to_unit_range,
+)
 
 from .loss import EpsilonLoss, RHNLoss
 from .torch_model import DpnrModel
@@ -227,6 +233,7 @@ class Dpnr(DiffusionAnomalyModule):
             torch.manual_seed(self.repository_seed)
             for batch in loader:
                 images = self.pre_processor.transform(batch.image) if self.pre_processor else batch.image
+                check_images(images, 3, self.model.size_multiple, "Dpnr (building the noise repository)")
                 anomalous, masks = self.repository_generator(to_unit_range(images))
                 fg, bg = self.model.repository_features(images, from_unit_range(anomalous), masks)
                 foreground.append(fg.cpu())
