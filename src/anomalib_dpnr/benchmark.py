@@ -82,7 +82,10 @@ def build_model(config: Any, seed: int | None = None):  # noqa: ANN201
 
 
 def _patch(trainer: dict[str, Any], seed: int | None) -> None:
-    """Point anomalib's benchmark job generator/job at our model builder, trainer arguments and collector."""
+    """Point anomalib's benchmark job generator/job at our model builder, trainer arguments and collector.
+
+    Process-wide and not undone: meant for the ``anomalib-dpnr benchmark`` process.
+    """
     import pandas as pd
     from anomalib.engine import Engine
     from anomalib.pipelines.benchmark import generator, job
@@ -148,7 +151,7 @@ def run_benchmark(config_path: str | Path, max_epochs: int | None = None) -> Pat
     finally:
         sys.argv = argv
 
-    log = LOG.read_text(errors="replace")[log_start:] if LOG.is_file() else ""
+    log = LOG.read_bytes()[log_start:].decode(errors="replace") if LOG.is_file() else ""
     new = sorted(set(RESULTS.glob("*/results.csv")) - before, key=lambda p: p.stat().st_mtime)
     rows = len(pd.read_csv(new[-1])) if new and new[-1].stat().st_size > 1 else 0
     errors = [line for line in log.splitlines() if " - ERROR - " in line]

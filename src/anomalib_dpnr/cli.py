@@ -121,6 +121,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     if args.csv is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         args.csv.write_bytes(results.read_bytes())
+    import pandas as pd
+
+    frame = pd.read_csv(results)
+    columns = ["model.class_path", "data.init_args.category", "fit_duration", "test_duration", "image_AUROC",
+               "image_F1Score", "pixel_AUROC", "pixel_AUPRO"]  # fmt: skip
+    print(frame[[c for c in columns if c in frame]].round(4).to_string(index=False))
     print(f"[benchmark] every job passed; results: {results}" + (f" (copied to {args.csv})" if args.csv else ""))
     return 0
 
