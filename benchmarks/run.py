@@ -124,11 +124,15 @@ def _spec(text: str) -> tuple[str, list[str]]:
     return str(path if Path(path).is_file() else find_repo_file(path)), extra
 
 
-def _model_class(config: str) -> type:
-    """The model class a config names (imported, to inspect its arguments)."""
+def _yaml(config: str) -> dict:
     import yaml
 
-    class_path = yaml.safe_load(Path(config).read_text())["model"]["class_path"]
+    return yaml.safe_load(Path(config).read_text())
+
+
+def _model_class(config: str) -> type:
+    """The model class a config names (imported, to inspect its arguments)."""
+    class_path = _yaml(config)["model"]["class_path"]
     module, name = class_path.rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
 
@@ -244,7 +248,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     if args.quick:
         root = make_synthetic_dataset(Path(tempfile.mkdtemp()), image_size=64, num_train=8, num_test_good=4,
                                       num_test_defect=4)  # fmt: skip
-        places = {name: (str(root), "woven", True) for name in ["woven"]}
+        places = {"woven": (str(root), "woven", True)}
     else:
         shared = args.data_root or find_shared_data()
         if shared is None:
@@ -261,7 +265,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 given += TEXTURE_ARGS
             if args.quick:
                 given += quick_args(config)
-            elif args.max_epochs is not None:
+            elif args.max_epochs is not None and "max_epochs" in (_yaml(config).get("trainer") or {}):
+                # only configs that set epochs: PaDiM/PatchCore fix their own (1) and would skip validation
                 given += ["--trainer.max_epochs", str(args.max_epochs), "--trainer.check_val_every_n_epoch", str(args.max_epochs)]
             shown = " ".join([_display(config), *map(shlex.quote, extra)])
             jobs.append({"config": config, "root": root, "category": category, "extra": [*given, *extra],
@@ -304,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose table to update")
     parser.add_argument("--key", default="comparison", help="README marker key")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--max-epochs", type=int, default=None, help="override every config's epochs (checks)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="override the configs' trainer.max_epochs (quick checks)")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="add PatchCore when no config names it (speed ratios need it)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny generated dataset, toy models, one epoch")

@@ -47,7 +47,7 @@ def test_grid_configs_are_fair_and_parse(grid: Path) -> None:
     """Every entry parses against its model, at 128 px, on the from_test split with seed 42, for bounded epochs."""
     register()
     config, trainer = load_grid(grid)
-    assert trainer["max_epochs"] == 8 and trainer["check_val_every_n_epoch"] == 8
+    assert trainer["max_epochs"] == 8 and trainer.get("check_val_every_n_epoch", 1) == 1
     data = config["benchmark"]["data"]["init_args"]
     assert (data["val_split_mode"], data["val_split_ratio"], data["seed"], config["benchmark"]["seed"]) == ("from_test", 0.5, 42, 42)
     names = set()
@@ -70,10 +70,13 @@ def test_load_grid_rejects_bad_files(tmp_path: Path) -> None:
     bad.write_text("trainer: {devices: 2}\nbenchmark: {model: Padim}\n")
     with pytest.raises(ValueError, match="devices"):
         load_grid(bad)
+    bad.write_text("trainer: {check_val_every_n_epoch: 8}\nbenchmark: {model: Padim}\n")
+    with pytest.raises(ValueError, match="never validate"):  # PaDiM (1 epoch) would get no thresholds
+        load_grid(bad)
     with pytest.raises(FileNotFoundError):
         load_grid(tmp_path / "missing.yaml")
     _, trainer = load_grid(GRIDS[0], max_epochs=1)
-    assert trainer["max_epochs"] == trainer["check_val_every_n_epoch"] == 1  # validation (thresholds) still runs
+    assert trainer["max_epochs"] == 1
 
 
 def test_run_plan_fair_jobs(tmp_path: Path) -> None:

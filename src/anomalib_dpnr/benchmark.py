@@ -116,10 +116,14 @@ def load_grid(path: Path, max_epochs: int | None = None) -> tuple[dict, dict[str
     if bad := RESERVED & set(trainer):
         msg = f"{path}: trainer keys {sorted(bad)} are set per job by anomalib; use the top-level 'accelerator'"
         raise ValueError(msg)
+    if trainer.get("check_val_every_n_epoch", 1) != 1:
+        msg = (
+            f"{path}: trainer.check_val_every_n_epoch must be 1 here: models that fix fewer epochs themselves "
+            "(PaDiM/PatchCore: 1) would never validate, leaving their thresholds unset"
+        )
+        raise ValueError(msg)
     if max_epochs is not None:
         trainer["max_epochs"] = max_epochs
-        if "check_val_every_n_epoch" in trainer:  # validation (thresholds) must still run
-            trainer["check_val_every_n_epoch"] = min(trainer["check_val_every_n_epoch"], max_epochs)
     if "max_epochs" not in trainer:
         print(f"benchmark: {path} sets no trainer.max_epochs: models without their own train 1000 epochs", file=sys.stderr)
     return config, trainer
