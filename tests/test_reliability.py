@@ -1,0 +1,306 @@
+"""Reliability matrix (issue 6) over every plugin model in ``conftest.MODELS``.
+
+Bad input gives an error naming the problem; checkpoints reload bit-identically, survive a
+KeyboardInterrupt and refuse foreign or truncated files; torch and ONNX exports match the lightning
+model; the same seed repeats the metrics; training runs under DDP on 2 CPU processes (gloo).
+Each model trains once (module-scoped ``run``) on the tiny generated dataset and is reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from anomalib.data import Folder, ImageBatch, MVTecAD
+from anomalib.deploy import ExportType
+from anomalib.engine import Engine
+from conftest import MODELS, REPO
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torchvision.io import read_image
+
+import anomalib_dpnr
+from anomalib_dpnr import MVTec
+from anomalib_dpnr.components.base import DiffusionAnomalyModule
+from anomalib_dpnr.components.checkpoints import CheckpointError
+from anomalib_dpnr.components.distributed import fitted_state
+from anomalib_dpnr.components.weights import MissingWeightsError
+
+NAMES = list(MODELS)
+
+
+def build(name: str, **overrides: object) -> DiffusionAnomalyModule:
+    """The tiny configuration of model ``name``."""
+    return getattr(anomalib_dpnr, name)(**{**MODELS[name][1], **overrides})
+
+
+def datamodule(root: Path, category: str = "woven") -> MVTecAD:
+    return MVTecAD(
+        root=root, category=category, train_batch_size=4, eval_batch_size=4, num_workers=0,
+        val_split_mode="from_test", seed=0,
+    )  # fmt: skip
+
+
+def engine(root: Path, **kwargs: object) -> Engine:
+    return Engine(
+        default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+@dataclass
+class Run:
+    """One seeded training run: the model, its engine, test metrics and checkpoint."""
+
+    module: DiffusionAnomalyModule
+    engine: Engine
+    metrics: dict[str, float]
+    checkpoint: Path
+
+
+def train(name: str, data: Path, root: Path, seed: int = 0) -> Run:
+    seed_everything(seed, workers=True)
+    module = build(name)
+    eng = engine(root)
+    (metrics,) = eng.train(module, datamodule=datamodule(data))
+    (checkpoint,) = root.glob("**/weights/lightning/model.ckpt")
+    return Run(module.eval(), eng, metrics, checkpoint)
+
+
+def test_images(data: Path, count: int = 4) -> torch.Tensor:
+    """``[count, 3, 64, 64]`` test images in ``[0, 1]`` (good and defective)."""
+    files = sorted((data / "woven" / "test").glob("*/*.png"))[::3][:count]
+    return torch.stack([read_image(str(f)).float() / 255 for f in files])
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def run(name: str, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return train(name, tiny_dataset, tmp_path_factory.mktemp(f"run_{name}"))
+
+
+# --- bad input -------------------------------------------------------------------------------------------
+def test_channel_counts_are_named(run: Run, name: str) -> None:
+    for channels in (2, 4):
+        with pytest.raises(ValueError, match=f"RGB \\(3-channel\\) or grayscale \\(1-channel\\).*got {channels}"):
+            run.module(torch.rand(1, channels, 64, 64))
+    with pytest.raises(ValueError, match="3-channel images, got 1 channels.*grayscale"):
+        run.module.model(torch.rand(1, 1, 64, 64))  # the torch model takes RGB only, and says how
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        run.module(torch.rand(3, 64, 64))
+
+
+def test_grayscale_tensors_are_taken_as_rgb(run: Run, tiny_dataset: Path) -> None:
+    gray = test_images(tiny_dataset).mean(dim=1, keepdim=True)
+    with torch.no_grad():
+        out, rgb = run.module(gray), run.module(gray.expand(-1, 3, -1, -1))
+    assert torch.equal(out.pred_score, rgb.pred_score) and torch.equal(out.anomaly_map, rgb.anomaly_map)
+
+
+def test_image_sizes(run: Run, name: str) -> None:
+    multiple = run.module.model.size_multiple
+    wide = build(name, image_size=(64, 64 + multiple))  # non-square, divisible: supported
+    wide.load_state_dict(run.module.state_dict())
+    with torch.no_grad():
+        assert wide.eval()(torch.rand(2, 3, 64, 64)).anomaly_map.shape[-2:] == (64, 64 + multiple)
+        odd = run.module(torch.rand(1, 3, 77, 51))  # any input size is resized to image_size
+    assert torch.isfinite(odd.pred_score).all()
+    with pytest.raises(ValueError, match=f"image_size 60x64 is not divisible by {multiple}"):
+        build(name, image_size=(60, 64)).setup("fit")  # before any data is touched
+    with pytest.raises(ValueError, match=f"divisible by {multiple}, got 60x64"):
+        run.module.model(torch.rand(1, 3, 60, 64))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_pixels_are_named(run: Run, value: float) -> None:
+    images = torch.rand(2, 3, 64, 64)
+    images[1, 0, 5, 5] = value
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        run.module(images)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        run.module.training_step(ImageBatch(image=images * 2 - 1, gt_label=torch.zeros(2, dtype=torch.long)), 0)
+    if hasattr(run.module, "build_repository"):  # data-dependent fitting sees the pixels first
+
+        class Bad(torch.utils.data.Dataset):
+            def __len__(self) -> int:
+                return 2
+
+            def __getitem__(self, index: int) -> torch.Tensor:
+                return images[index]
+
+        Bad.collate_fn = staticmethod(lambda items: ImageBatch(image=torch.stack(items)))
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            build(run.module.__class__.__name__).build_repository(Bad())
+
+
+def test_empty_or_missing_training_folder(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_dataset / "woven", tmp_path / "woven", ignore=shutil.ignore_patterns("train"))
+    (tmp_path / "woven" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(ValueError, match="training set of MVTecAD is empty.*train/good"):
+        engine(tmp_path / "out").fit(build(name), datamodule=datamodule(tmp_path))
+    missing = MVTec(root=tmp_path, category="missing", num_workers=0)  # anomalib's MVTecAD would try to download
+    with pytest.raises(FileNotFoundError, match="dataset folder not found: .*missing"):
+        engine(tmp_path / "out").fit(build(name), datamodule=missing)
+
+
+def test_test_images_without_masks_skip_pixel_metrics(run: Run, tiny_dataset: Path) -> None:
+    woven = tiny_dataset / "woven"
+    folder = Folder(
+        name="no_masks", root=woven, normal_dir="train/good", abnormal_dir=["test/spot", "test/scratch"],
+        normal_test_dir="test/good", val_split_mode="none", train_batch_size=4, eval_batch_size=4, num_workers=0,
+    )  # fmt: skip
+    (metrics,) = run.engine.test(run.module, datamodule=folder)
+    assert 0 <= metrics["image_AUROC"] <= 1
+    assert not [key for key in metrics if key.startswith("pixel_")]
+
+
+def test_foreign_and_truncated_checkpoints(run: Run, name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    cls = type(run.module)
+    for other in (n for n in NAMES if n != name):
+        trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.strategy.connect(build(other))
+        foreign = tmp_path / f"{other}.ckpt"
+        trainer.save_checkpoint(foreign)
+        with pytest.raises(CheckpointError, match=f"saved by {other}, not {name}"):
+            cls.load_from_checkpoint(foreign)
+        with pytest.raises(CheckpointError, match=f"saved by {other}, not {name}"):
+            engine(tmp_path).test(build(name), datamodule=datamodule(tiny_dataset), ckpt_path=foreign)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(run.checkpoint.read_bytes()[: run.checkpoint.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        cls.load_from_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        engine(tmp_path).test(build(name), datamodule=datamodule(tiny_dataset), ckpt_path=truncated)
+
+
+def test_missing_offline_weights_say_which_file_and_how(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arguments = inspect.signature(getattr(anomalib_dpnr, name)).parameters
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    if "pre_trained" in arguments:
+        with pytest.raises(MissingWeightsError, match=r"empty_cache/models--.*model\.safetensors.*anomalib-dpnr weights install"):
+            build(name, pre_trained=True)
+    if "backbone_weights" in arguments:
+        with pytest.raises(MissingWeightsError, match="nope.pth"):
+            build(name, pre_trained=False, backbone_weights=str(tmp_path / "nope.pth"))
+    if "vae_path" in arguments:
+        with pytest.raises(MissingWeightsError, match="VAE folder not found"):
+            build(name, vae_path=str(tmp_path / "no_vae"))
+    build(name)  # the tiny configuration needs no weights at all
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+def test_checkpoint_reload_is_bit_identical(run: Run, tiny_dataset: Path) -> None:
+    reloaded = type(run.module).load_from_checkpoint(run.checkpoint).eval()
+    expected, got = run.module.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[key], value) for key, value in expected.items())
+    assert all(value.numel() for value in fitted_state(reloaded).values())  # data-dependent buffers came back
+    images = test_images(tiny_dataset)
+    with torch.no_grad():
+        a, b = run.module(images), reloaded(images)
+    for field in ("pred_score", "pred_label", "anomaly_map", "pred_mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+class Interrupt(Callback):
+    """Ctrl-C in the middle of the first epoch."""
+
+    def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+        raise KeyboardInterrupt
+
+
+def test_interrupted_training_leaves_a_loadable_checkpoint(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    module = build(name)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
+            engine(tmp_path, callbacks=[Interrupt()]).fit(module, datamodule=datamodule(tiny_dataset))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C after the first
+    (path,) = tmp_path.glob("**/weights/lightning/interrupted.ckpt")
+    assert not list(tmp_path.glob("**/weights/lightning/model.ckpt"))  # nothing else would have been saved
+    assert torch.load(path, weights_only=False)["global_step"] == 1
+    reloaded = type(module).load_from_checkpoint(path).eval()
+    for key, value in module.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(torch.rand(1, 3, 64, 64)).pred_score).all()
+
+
+# --- export -----------------------------------------------------------------------------------------------
+def test_torch_export_matches(run: Run, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib.deploy import TorchInferencer
+
+    path = run.engine.export(run.module, ExportType.TORCH, export_root=tmp_path)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    inferencer = TorchInferencer(path=path, device="cpu")
+    images = test_images(tiny_dataset)
+    with torch.no_grad():
+        expected = run.module(images)
+    got = inferencer.predict(images)
+    torch.testing.assert_close(got.pred_score.reshape(-1), expected.pred_score, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.anomaly_map.reshape(expected.anomaly_map.shape), expected.anomaly_map, atol=1e-5, rtol=0)
+
+
+def test_onnx_export_matches(run: Run, tiny_dataset: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    # A 1-epoch tiny model scores every image alike (fitted min = max), and min-max normalisation then
+    # magnifies 1e-8 float differences; compare with a unit normalisation range instead.
+    module = copy.deepcopy(run.module)
+    post = module.post_processor
+    post.load_state_dict({k: torch.full_like(v, 0.5 if "threshold" in k else float("max" in k)) for k, v in post.state_dict().items()})
+    path = run.engine.export(module, ExportType.ONNX, export_root=tmp_path, input_size=(64, 64))
+    session = ort.InferenceSession(str(path))
+    images = test_images(tiny_dataset)
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images.numpy()}), strict=True))
+    with torch.no_grad():
+        expected = module(images)
+    torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=0)
+
+
+# --- determinism ------------------------------------------------------------------------------------------
+def test_same_seed_gives_identical_metrics(run: Run, name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    again = train(name, tiny_dataset, tmp_path)
+    assert again.metrics == run.metrics
+    assert all(torch.equal(again.module.state_dict()[k], v) for k, v in run.module.state_dict().items())
+
+
+# --- multi-device -----------------------------------------------------------------------------------------
+def test_ddp_training_on_two_cpu_processes(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    """``anomalib fit --trainer.strategy ddp --trainer.devices 2`` (gloo); fitted state agrees across ranks."""
+    folder, tiny = MODELS[name]
+    config = yaml.safe_load((REPO / "configs" / folder / "cpu.yaml").read_text())
+    config["trainer"].update(max_epochs=1, check_val_every_n_epoch=1, logger=False, enable_progress_bar=False)
+    config["model"]["init_args"].update(tiny)
+    config["data"]["init_args"].update(root=str(tiny_dataset), category="woven", num_workers=0, train_batch_size=2, eval_batch_size=4)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    anomalib = str(Path(sys.executable).with_name("anomalib"))
+    command = [
+        sys.executable, anomalib, "fit", "--config", "tiny.yaml",
+        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "max_epochs=1` reached" in output
+    assert "differs on ranks" not in output
+    if fitted_state(build(name).model):  # models whose fit builds state from data (Dpnr's repository)
+        assert f"{name}: fitted state" in output and "agrees on all 2 ranks" in output, output[-3000:]
+    (checkpoint,) = tmp_path.glob("results/**/weights/lightning/model.ckpt")
+    reloaded = getattr(anomalib_dpnr, name).load_from_checkpoint(checkpoint)
+    assert all(value.numel() for value in fitted_state(reloaded).values())
