@@ -25,7 +25,7 @@ from anomalib.data import Folder, ImageBatch, MVTecAD
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from conftest import MODELS, REPO
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer
 from torchvision.io import read_image
 
 import anomalib_dpnr
@@ -68,8 +68,7 @@ class Run:
 
 
 def train(name: str, data: Path, root: Path, seed: int = 0) -> Run:
-    seed_everything(seed, workers=True)
-    module = build(name)
+    module = build(name, seed=seed)  # seeds weights, synthetic anomalies and data order
     eng = engine(root)
     (metrics,) = eng.train(module, datamodule=datamodule(data))
     (checkpoint,) = root.glob("**/weights/lightning/model.ckpt")
@@ -285,7 +284,7 @@ def test_ddp_training_on_two_cpu_processes(name: str, tiny_dataset: Path, tmp_pa
     folder, tiny = MODELS[name]
     config = yaml.safe_load((REPO / "configs" / folder / "cpu.yaml").read_text())
     config["trainer"].update(max_epochs=1, check_val_every_n_epoch=1, logger=False, enable_progress_bar=False)
-    config["model"]["init_args"].update(tiny)
+    config["model"]["init_args"].update(tiny, seed=0)  # every rank builds the same random-init backbone
     config["data"]["init_args"].update(root=str(tiny_dataset), category="woven", num_workers=0, train_batch_size=2, eval_batch_size=4)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     anomalib = str(Path(sys.executable).with_name("anomalib"))

@@ -12,7 +12,7 @@ from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.utils.serialization import anomalib_safe_globals
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
@@ -26,17 +26,21 @@ __all__ = ["DiffusionAnomalyModule"]
 class DiffusionAnomalyModule(AnomalibModule):
     """One-class anomalib model on ``[-1, 1]`` images, with the shared evaluator and input checks.
 
-    Subclasses call ``super().__init__(image_size=..., pre_processor=..., ...)``.
+    Subclasses call ``super().__init__(image_size=..., seed=..., pre_processor=..., ...)`` before building
+    their networks, so ``seed`` also fixes the weight initialisation.
     """
 
     def __init__(
         self,
         image_size: int | tuple[int, int] = 256,
+        seed: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
         visualizer: Any = True,
     ) -> None:
+        if seed is not None:  # the anomalib CLI declares seed_everything but never applies it
+            seed_everything(seed, workers=True)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size)
         super().__init__(
@@ -105,6 +109,15 @@ class DiffusionAnomalyModule(AnomalibModule):
             peek = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
         check_checkpoint_model(peek, cls.__name__)  # before the constructor sees another model's arguments
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def to_onnx(self, export_root: Path | str, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any) -> Path:
+        """anomalib's ONNX export at a fixed input size (default: ``image_size``) and opset 18.
+
+        The seeded inference noise has the image's shape, so height and width cannot stay dynamic (the batch
+        size does); opset 18 is what torch's exporter writes (anomalib asks for 14, which fails to convert).
+        """
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(export_root, model_file_name, input_size=input_size or tuple(self.input_size), **kwargs)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores so anomalib can fit thresholds and normalisation."""

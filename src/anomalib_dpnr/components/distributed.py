@@ -31,7 +31,7 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(state.items()):
         digest.update(f"{key}{tuple(value.shape)}{value.dtype}".encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

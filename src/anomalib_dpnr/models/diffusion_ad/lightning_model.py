@@ -53,6 +53,8 @@ class DiffusionAD(DiffusionAnomalyModule):
         use_foreground: Keep synthetic anomalies on the estimated object foreground.
         foreground_threshold: Colour distance to the border colour that counts as foreground.
         learning_rate: Adam learning rate (paper: 1e-4).
+        seed: ``lightning.seed_everything(seed)`` before the networks are built: weights, synthetic
+            anomalies and data order repeat exactly (``None``: unseeded; the CLI's ``seed_everything`` is not applied).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class DiffusionAD(DiffusionAnomalyModule):
         use_foreground: bool = True,
         foreground_threshold: float = 0.1,
         learning_rate: float = 1e-4,
+        seed: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -87,6 +90,7 @@ class DiffusionAD(DiffusionAnomalyModule):
     ) -> None:
         super().__init__(
             image_size=image_size,
+            seed=seed,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,

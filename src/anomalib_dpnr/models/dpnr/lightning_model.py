@@ -86,6 +86,8 @@ class Dpnr(DiffusionAnomalyModule):
         foreground_threshold: Colour distance to the border colour that counts as foreground.
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        seed: ``lightning.seed_everything(seed)`` before the networks are built: weights, synthetic
+            anomalies and data order repeat exactly (``None``: unseeded; the CLI's ``seed_everything`` is not applied).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class Dpnr(DiffusionAnomalyModule):
         foreground_threshold: float = 0.1,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        seed: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -145,6 +148,7 @@ class Dpnr(DiffusionAnomalyModule):
     ) -> None:
         super().__init__(
             image_size=image_size,
+            seed=seed,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
