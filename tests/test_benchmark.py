@@ -118,7 +118,7 @@ def test_ratios_and_plot(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
-    """The default comparison (PaDiM, PatchCore, every plugin CPU config) at toy scale: CSV, ratios, plot, README."""
+    """PaDiM, a DPNR ablation and the PatchCore reference (added by itself) at toy scale: CSV, ratios, plot, README."""
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:comparison -->\nold\n<!-- /bench:comparison -->\nend\n")
     out = tmp_path / "quick.csv"
@@ -127,10 +127,11 @@ def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(earlier))
         writer.writeheader()
         writer.writerow(earlier)
-    done = run(str(REPO / "benchmarks" / "run.py"), "--quick", "--csv", str(out), "--append", "--readme", str(readme), cwd=REPO)
+    configs = ["--config", "configs/baselines/padim_cpu.yaml", "--variant", "configs/dpnr/cpu.yaml --model.dp_sni false"]
+    done = run(str(REPO / "benchmarks" / "run.py"), "--quick", *configs, "--csv", str(out), "--append", "--readme", str(readme), cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rows = list(csv.DictReader(out.open()))
-    assert [row["model"] for row in rows] == ["Padim", "Padim", "Patchcore", "DiffusionAD", "Dpnr"]
+    assert [row["model"] for row in rows] == ["Padim", "Patchcore", "Padim", "Dpnr"]
     new = rows[1:]
     assert len({row["run_id"] for row in new}) == 1 and {row["seed"] for row in new} == {"42"}
     for row in new:
@@ -138,11 +139,11 @@ def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
             assert 0.0 <= float(row[column]) <= 1.0, (row["model"], column)
         assert float(row["train_seconds"]) > 0 and float(row["infer_ms_per_image"]) > 0 and int(row["peak_rss_mb"]) > 100
         assert float(row["train_x_patchcore"]) > 0 and float(row["infer_x_patchcore"]) > 0
-    assert float(new[1]["train_x_patchcore"]) == 1.0
+    assert float(new[0]["train_x_patchcore"]) == 1.0 == float(new[0]["infer_x_patchcore"])
     assert out.with_suffix(".png").stat().st_size > 10_000
     text = readme.read_text()
     assert "old" not in text and "| Patchcore | configs/baselines/patchcore_cpu.yaml | woven |" in text
-    assert "| Dpnr | configs/dpnr/cpu.yaml | woven |" in text and "infer_x_patchcore" in text
+    assert "| Dpnr | configs/dpnr/cpu.yaml --model.dp_sni false | woven |" in text and "infer_x_patchcore" in text
     assert text.startswith("intro\n") and text.endswith("end\n")
 
 
