@@ -215,18 +215,25 @@ def test_checkpoint_reload_is_bit_identical(run: Run, tiny_dataset: Path) -> Non
 
 
 class Interrupt(Callback):
-    """Ctrl-C in the middle of the first epoch."""
+    """Ctrl-C (``KeyboardInterrupt``) or a real SIGTERM after the first batch of the first epoch."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
 
     def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
-        raise KeyboardInterrupt
+        if self.how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler stops before the next batch
+        else:
+            raise KeyboardInterrupt
 
 
-def test_interrupted_training_leaves_a_loadable_checkpoint(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["ctrl_c", "sigterm"])
+def test_interrupted_training_leaves_a_loadable_checkpoint(name: str, how: str, tiny_dataset: Path, tmp_path: Path) -> None:
     module = build(name)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):  # Lightning turns Ctrl-C into a graceful shutdown and exit(1)
-            engine(tmp_path, callbacks=[Interrupt()]).fit(module, datamodule=datamodule(tiny_dataset))
+        with pytest.raises(SystemExit):  # Lightning shuts down gracefully and exits (SIGTERMException is a SystemExit)
+            engine(tmp_path, callbacks=[Interrupt(how)]).fit(module, datamodule=datamodule(tiny_dataset))
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C after the first
     (path,) = tmp_path.glob("**/weights/lightning/interrupted.ckpt")
@@ -237,6 +244,8 @@ def test_interrupted_training_leaves_a_loadable_checkpoint(name: str, tiny_datas
         assert torch.equal(reloaded.state_dict()[key], value), key
     with torch.no_grad():
         assert torch.isfinite(reloaded(torch.rand(1, 3, 64, 64)).pred_score).all()
+    if how == "sigterm":
+        return
     resumed = engine(tmp_path / "resumed")
     resumed.fit(build(name), datamodule=datamodule(tiny_dataset), ckpt_path=path)  # and training resumes from it
     assert resumed.trainer.global_step == 2  # the epoch's second (last) batch ran, the first was not repeated
