@@ -3,7 +3,7 @@
 * ``check_checkpoint_file``: a missing, empty or truncated file is named as such instead of torch's
   ``PytorchStreamReader failed reading zip archive``.
 * ``check_checkpoint_model``: a checkpoint written by another model is named (with the model that wrote
-  it) instead of a ``size mismatch`` / ``Missing key(s)`` dump or a constructor ``TypeError``.
+  it) instead of a ``size mismatch`` / ``Missing key(s)`` dump, or a constructor fed the other model's arguments.
 * ``CheckedCheckpointIO``: Lightning's checkpoint IO with the file check in front, so ``--ckpt_path``
   fails the same way.
 * ``SaveOnInterrupt``: Lightning saves nothing on Ctrl-C (``KeyboardInterrupt``) or SIGTERM, and
