@@ -11,11 +11,11 @@ from anomalib.data import InferenceBatch
 from conftest import TINY_DPNR
 
 from anomalib_dpnr import Dpnr
-from anomalib_dpnr.components import from_unit_range, to_unit_range
+from anomalib_dpnr.components import from_unit_range, to_unit_range, topk_mean
 from anomalib_dpnr.components.prototypes import PrototypeMemory, kmeans_prototypes, merge_prototypes
 from anomalib_dpnr.components.weights import MissingWeightsError
 from anomalib_dpnr.models.dpnr.dp_sni import DPSNI, NoiseParameterizer
-from anomalib_dpnr.models.dpnr.loss import EpsilonLoss, RHNLoss
+from anomalib_dpnr.models.dpnr.loss import EpsilonLoss, InjectionLoss, RHNLoss
 from anomalib_dpnr.models.dpnr.repository import extract_patches
 from anomalib_dpnr.models.dpnr.torch_model import DpnrOutput
 
@@ -226,6 +226,28 @@ def test_inference_gives_an_inference_batch() -> None:
     assert torch.equal(out.pred_score, again.pred_score)
 
 
+def test_image_score_comes_from_the_chosen_map() -> None:
+    module = _built(pixel_weight=1.0, feature_weight=1.0).eval()
+    images = _images(2)
+    model = module.model
+    with torch.no_grad():
+        latents = model.codec.encode(images)
+        pixel, feature = zip(*(
+            model.discrepancy(images, model.reconstruct(images, latents, step, torch.Generator().manual_seed(index)))
+            for index, step in enumerate(model.inference_timesteps)
+        ))  # fmt: skip
+        pixel, feature = sum(pixel) / len(pixel), sum(feature) / len(feature)
+        out = model(images)
+        model.score_from = "map"
+        by_map = model(images)
+    blur, k = model.scorer.blur, model.scorer.top_k
+    torch.testing.assert_close(out.anomaly_map, blur(pixel + feature))  # the map always holds both terms
+    torch.testing.assert_close(out.pred_score, topk_mean(blur(pixel), k))
+    torch.testing.assert_close(by_map.pred_score, topk_mean(blur(pixel + feature), k))
+    with pytest.raises(ValueError, match="score_from"):
+        Dpnr(**TINY_DPNR, score_from="max")
+
+
 def test_training_without_a_repository_fails_clearly() -> None:
     module = Dpnr(**TINY_DPNR)
     images = _images(2)
@@ -251,6 +273,28 @@ def test_loss_decreases_when_overfitting_a_few_images() -> None:
         optimizer.step()
         history.append(loss.item())
     assert sum(history[-4:]) < 0.3 * sum(history[:4])  # measured: about 0.17 -> 0.01
+
+
+def test_injection_loss_matches_a_hand_computed_case() -> None:
+    attention = torch.tensor([[[[0.5, 0.9], [0.1, 0.5]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    kl = torch.tensor([0.2, 0.4])
+    out = InjectionLoss(kl_weight=2.0, mask_weight=1.0)(attention, kl, mask)
+    bce = -(math.log(0.5) + math.log(0.9) + math.log(0.9) + math.log(0.5)) / 4
+    assert out["mask_bce"].item() == pytest.approx(bce, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(2.0 * 0.3 + bce, rel=1e-5)
+    # KL(N(mu, sigma^2) || N(0, 1)) is 0 at the prior and 0.5 mu^2 for unit variance
+    assert DPSNI.kl_divergence(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)).item() == 0
+    assert DPSNI.kl_divergence(torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)).item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_denoiser_loss_reaches_dp_sni_only_when_not_detached(detach: bool) -> None:
+    module = _built(detach_noise=detach)
+    _, losses, _ = _training_output(module)
+    losses["loss"].backward()
+    grad = module.model.dp_sni.background_parameterizer.net[-1].weight.grad
+    assert (grad is None or not grad.any()) if detach else grad.abs().sum() > 0
 
 
 # --- ablation switches (Table 2) ---------------------------------------------------------------

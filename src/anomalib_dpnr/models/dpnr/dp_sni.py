@@ -26,11 +26,12 @@ class MatchOutput(NamedTuple):
 
 
 class StructuredNoise(NamedTuple):
-    """DP-SNI output: the noise ``eps_s`` and the smoothed foreground mask used to blend it."""
+    """DP-SNI output: the noise ``eps_s``, the smoothed foreground mask used to blend it, and what trains it."""
 
     noise: torch.Tensor  # [B, C, H, W]
     mask: torch.Tensor  # M_smooth [B, 1, H, W]
     foreground_attention: torch.Tensor  # A_fg [B, 1, h, w]
+    kl: torch.Tensor  # [B] mean KL(N(mu, sigma^2) || N(0, 1)) of both parameterizers (Eqs. 15-18)
 
 
 class PrototypeMatcher(DynamicShapeMixin, nn.Module):
@@ -142,6 +143,11 @@ class DPSNI(nn.Module):
         self.foreground_weight = foreground_weight
         self.mask_blur = gaussian_blur(mask_sigma)
 
+    @staticmethod
+    def kl_divergence(mean: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean ``KL(N(mu, sigma^2) || N(0, 1))``: keeps the reparameterised bases (Eq. 18) noise."""
+        return 0.5 * (mean.pow(2) + log_variance.exp() - 1 - log_variance).flatten(1).mean(dim=1)
+
     def noise_base(self, mean: torch.Tensor, log_variance: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
         """``eps_base = C tanh(mu + z sigma)`` with ``sigma = exp(0.5 log sigma^2)`` (Eqs. 17-19)."""
         return self.noise_scale * torch.tanh(mean + normal * torch.exp(0.5 * log_variance))
@@ -159,9 +165,10 @@ class DPSNI(nn.Module):
         With a ``generator``, ``z`` is drawn once and shared by the batch (reproducible, batch-independent).
         """
         match = self.matcher(features)
-        bases = []
+        bases, kl = [], 0
         for parameterizer, feature in ((self.background_parameterizer, match.background), (self.foreground_parameterizer, match.foreground)):
             mean, log_variance = parameterizer(feature)
             bases.append(self.noise_base(mean, log_variance, gaussian_noise(mean, generator)))
+            kl = kl + self.kl_divergence(mean, log_variance) / 2
         noise, mask = self.blend(bases[0], bases[1], match.foreground_attention, size)
-        return StructuredNoise(noise, mask, match.foreground_attention)
+        return StructuredNoise(noise, mask, match.foreground_attention, kl)

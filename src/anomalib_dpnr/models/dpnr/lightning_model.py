@@ -27,7 +27,7 @@ from anomalib_dpnr.components import (
     to_unit_range,
 )
 
-from .loss import EpsilonLoss, RHNLoss
+from .loss import EpsilonLoss, InjectionLoss, RHNLoss
 from .torch_model import DpnrModel
 
 __all__ = ["Dpnr"]
@@ -73,10 +73,16 @@ class Dpnr(DiffusionAnomalyModule):
         structured_noise: Ablation: ``False`` = plain Gaussian noise (Table 2).
         dp_sni: Ablation: ``False`` = raw, unprocessed real noise instead of DP-SNI (Table 2).
         rhn_loss: Ablation: ``False`` = the standard epsilon loss (Table 2).
+        detach_noise: Keep the denoiser's loss from reaching DP-SNI (``False`` = the paper's literal
+            end-to-end training, whose noise collapsed towards zero in our runs; see the README).
+        kl_weight: Weight of DP-SNI's KL term (``InjectionLoss``).
+        mask_weight: Weight of DP-SNI's foreground-attention term (``InjectionLoss``).
         inference_timesteps: Noise levels whose one-step reconstructions are averaged.
         pixel_weight: Weight of the pixel discrepancy in the anomaly map.
         feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map.
         top_k: Pixels averaged into the image score.
+        score_from: Map whose top-k mean is the image score: ``"pixel"`` (the pixel discrepancy alone;
+            on bottle's validation half it ranked images better than the feature-weighted map) or ``"map"``.
         smoothing_sigma: Gaussian sigma on the anomaly map (0 disables).
         inference_seed: Seed of the fixed inference noise.
         anomaly_source_path: Texture folder for synthetic anomalies ``x_a``; ``None`` = self-texture.
@@ -127,10 +133,14 @@ class Dpnr(DiffusionAnomalyModule):
         structured_noise: bool = True,
         dp_sni: bool = True,
         rhn_loss: bool = True,
+        detach_noise: bool = True,
+        kl_weight: float = 1.0,
+        mask_weight: float = 1.0,
         inference_timesteps: Sequence[int] = (100, 200),
         pixel_weight: float = 1.0,
         feature_weight: float = 1.0,
         top_k: int = 50,
+        score_from: str = "pixel",
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
         anomaly_source_path: str | Path | None = None,
@@ -182,16 +192,19 @@ class Dpnr(DiffusionAnomalyModule):
             mask_sigma=mask_sigma,
             structured_noise=structured_noise,
             dp_sni=dp_sni,
+            detach_noise=detach_noise,
             inference_timesteps=inference_timesteps,
             pixel_weight=pixel_weight,
             feature_weight=feature_weight,
             top_k=top_k,
+            score_from=score_from,
             smoothing_sigma=smoothing_sigma,
             inference_seed=inference_seed,
         )
         self.loss = (
             RHNLoss(rhn_alpha, rhn_beta, background_weight, snr_clamp, learn_loss_weights) if rhn_loss else EpsilonLoss()
         )
+        self.injection_loss = InjectionLoss(kl_weight, mask_weight)
         generator_args = {
             "anomaly_source_path": anomaly_source_path,
             "blend_factor": tuple(blend_factor),
@@ -250,6 +263,9 @@ class Dpnr(DiffusionAnomalyModule):
         anomalous, masks = self.generator(to_unit_range(batch.image))
         output = self.model(batch.image, from_unit_range(anomalous), masks)
         losses = self.loss(output.predicted, output.structured, output.ideal, output.mask, output.snr)
+        if output.kl is not None:  # DP-SNI on: its own objective (see InjectionLoss)
+            injection = self.injection_loss(output.foreground_attention, output.kl, output.mask)
+            losses = {**losses, "loss": losses["loss"] + injection.pop("loss"), **injection}
         return self.log_losses(losses, batch.image.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
-__all__ = ["EpsilonLoss", "RHNLoss"]
+__all__ = ["EpsilonLoss", "InjectionLoss", "RHNLoss"]
 
 
 class RHNLoss(nn.Module):
@@ -86,3 +87,33 @@ class EpsilonLoss(nn.Module):
         del ideal, mask, snr
         loss = (predicted - structured).pow(2).mean()
         return {"loss": loss, "eps": loss.detach()}
+
+
+class InjectionLoss(nn.Module):
+    """What trains DP-SNI once the denoiser's loss no longer reaches it (``detach_noise``).
+
+    * ``kl_weight * KL(N(mu, sigma^2) || N(0, 1))`` of the noise parameterizers: the reparameterised
+      bases (Eqs. 15-18) stay noise instead of collapsing to a predictable constant;
+    * ``mask_weight * BCE(A_fg, M)``: the matcher's foreground attention (Eq. 14) learns where the
+      synthetic defect ``M`` is, so foreground prototypes mark defect-like regions.
+
+    Args:
+        kl_weight: Weight of the KL term.
+        mask_weight: Weight of the foreground-attention term.
+    """
+
+    def __init__(self, kl_weight: float = 1.0, mask_weight: float = 1.0) -> None:
+        super().__init__()
+        if kl_weight < 0 or mask_weight < 0:
+            msg = f"need kl_weight >= 0 and mask_weight >= 0, got {kl_weight}, {mask_weight}"
+            raise ValueError(msg)
+        self.kl_weight = kl_weight
+        self.mask_weight = mask_weight
+
+    def forward(self, foreground_attention: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[B, 1, h, w]`` attention in ``[0, 1]``, ``[B]`` KL, ``[B, 1, H, W]`` defect mask (pooled to ``h, w``)."""
+        target = F.adaptive_avg_pool2d(mask.float(), foreground_attention.shape[-2:])
+        attention = foreground_attention.clamp(1e-6, 1 - 1e-6)
+        bce = F.binary_cross_entropy(attention, target)
+        kl = kl.mean()
+        return {"loss": self.kl_weight * kl + self.mask_weight * bce, "kl": kl.detach(), "mask_bce": bce.detach()}

@@ -26,12 +26,13 @@ from anomalib_dpnr.components import (
     check_images,
     gaussian_blur,
     gaussian_noise,
+    topk_mean,
     unet_downsampling_factor,
 )
 from anomalib_dpnr.components.features import FeatureEmbedder, feature_distance_map
 from anomalib_dpnr.components.latent import LatentCodec
 
-from .dp_sni import DPSNI
+from .dp_sni import DPSNI, StructuredNoise
 from .repository import DualPrototypeRepository
 
 __all__ = ["DpnrModel", "DpnrOutput"]
@@ -48,6 +49,8 @@ class DpnrOutput:
     mask: torch.Tensor  # synthetic-defect mask M [B, 1, h, w]
     snr: torch.Tensor  # SNR(t) [B]
     timesteps: torch.Tensor
+    foreground_attention: torch.Tensor | None = None  # A_fg [B, 1, h, w] (DP-SNI only)
+    kl: torch.Tensor | None = None  # [B] KL of the noise parameterizers to N(0, 1) (DP-SNI only)
 
 
 class DpnrModel(nn.Module):
@@ -82,16 +85,21 @@ class DpnrModel(nn.Module):
         mask_sigma: float = 2.0,
         structured_noise: bool = True,
         dp_sni: bool = True,
+        detach_noise: bool = True,
         inference_timesteps: Sequence[int] = (100, 200),
         pixel_weight: float = 1.0,
         feature_weight: float = 1.0,
         top_k: int = 50,
+        score_from: str = "pixel",
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
     ) -> None:
         super().__init__()
         if not inference_timesteps:
             msg = "inference_timesteps must name at least one noise level"
+            raise ValueError(msg)
+        if score_from not in {"pixel", "map"}:
+            msg = f"score_from must be 'pixel' (top-k of the pixel discrepancy) or 'map' (of the anomaly map), got {score_from!r}"
             raise ValueError(msg)
         self.codec = LatentCodec(vae_path, latent_scale)
         self.schedule = NoiseSchedule(num_timesteps, beta_schedule)
@@ -109,9 +117,11 @@ class DpnrModel(nn.Module):
         self.scorer = AnomalyScorer(smoothing_sigma, top_k)
         self.structured_noise = structured_noise
         self.use_dp_sni = dp_sni
+        self.detach_noise = detach_noise
         self.inference_timesteps = tuple(int(t) for t in inference_timesteps)
         self.pixel_weight = pixel_weight
         self.feature_weight = feature_weight
+        self.score_from = score_from
         self.inference_seed = inference_seed
         self.size_multiple = max(unet_downsampling_factor(block_out_channels) * self.codec.factor, self.embedder.size_multiple)
 
@@ -143,6 +153,21 @@ class DpnrModel(nn.Module):
             noise = noise + anomalous_latents - latents
         return noise / noise.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
 
+    def inject(
+        self,
+        images: torch.Tensor,
+        latents: torch.Tensor,
+        anomalous_latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, StructuredNoise | None]:
+        """The forward-process noise ``eta`` (DP-SNI structured, raw real or Gaussian) and DP-SNI's outputs."""
+        if not self.structured_noise:
+            return gaussian_noise(latents, generator), None
+        if not self.use_dp_sni:
+            return self.raw_noise(latents, anomalous_latents), None
+        structured = self.dp_sni(self.embedder(images), latents.shape[-2:], generator)
+        return structured.noise, structured
+
     def noise(
         self,
         images: torch.Tensor,
@@ -150,12 +175,8 @@ class DpnrModel(nn.Module):
         anomalous_latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """The forward-process noise ``eta``: DP-SNI structured noise, raw real noise or Gaussian."""
-        if not self.structured_noise:
-            return gaussian_noise(latents, generator)
-        if not self.use_dp_sni:
-            return self.raw_noise(latents, anomalous_latents)
-        return self.dp_sni(self.embedder(images), latents.shape[-2:], generator).noise
+        """The forward-process noise ``eta`` alone."""
+        return self.inject(images, latents, anomalous_latents, generator)[0]
 
     # --- forward ------------------------------------------------------------------------------
     def reconstruct(self, images: torch.Tensor, latents: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -165,14 +186,11 @@ class DpnrModel(nn.Module):
         predicted = self.denoiser(noisy, timesteps).sample
         return self.codec.decode(self.schedule.predict_x0(noisy, predicted, timesteps)).clamp(-1, 1)
 
-    def anomaly_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Discrepancy map ``[B, 1, H, W]``: weighted pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine distance."""
-        anomaly_map = torch.zeros_like(images[:, :1])
-        if self.pixel_weight:
-            anomaly_map = anomaly_map + self.pixel_weight * (images - reconstruction).abs().mean(dim=1, keepdim=True) / 2
-        if self.feature_weight:
-            anomaly_map = anomaly_map + self.feature_weight * feature_distance_map(self.embedder, images, reconstruction)
-        return anomaly_map
+    def discrepancy(self, images: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine-distance maps ``[B, 1, H, W]`` (zero if weighted 0)."""
+        pixel = (images - reconstruction).abs().mean(dim=1, keepdim=True) / 2
+        feature = feature_distance_map(self.embedder, images, reconstruction) if self.feature_weight else torch.zeros_like(pixel)
+        return pixel, feature
 
     def forward(
         self,
@@ -194,21 +212,31 @@ class DpnrModel(nn.Module):
         timesteps = self.schedule.sample_timesteps(images.shape[0], images.device)
         ratio = (timesteps.float() / self.schedule.num_timesteps).view(-1, 1, 1, 1)
         z_syn = (1 - ratio) * z_s + ratio * z_a  # Eq. 12
-        eta = self.noise(images, z_s, z_a)
+        eta, structured = self.inject(images, z_s, z_a)
+        if self.detach_noise:  # the denoiser's loss must not shrink the noise it is asked to predict
+            eta = eta.detach()
         noisy = self.schedule.add_noise(z_syn, eta, timesteps)  # Eq. 4
         predicted = self.denoiser(noisy, timesteps).sample
         abar = self.schedule.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         ideal = (noisy - abar.sqrt() * z_s) / (1 - abar).clamp_min(1e-8).sqrt()
         latent_mask = F.adaptive_avg_pool2d(masks.reshape(images.shape[0], 1, *images.shape[-2:]).float(), z_s.shape[-2:])
-        return DpnrOutput(noisy, predicted, eta, ideal, latent_mask, self.schedule.snr(timesteps), timesteps)
+        return DpnrOutput(
+            noisy, predicted, eta, ideal, latent_mask, self.schedule.snr(timesteps), timesteps,
+            None if structured is None else structured.foreground_attention,
+            None if structured is None else structured.kl,
+        )  # fmt: skip
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
         """Average the discrepancy maps of one-step reconstructions from each inference level."""
         latents = self.codec.encode(images)
-        anomaly_map = torch.zeros_like(images[:, :1])
+        pixel, feature = torch.zeros_like(images[:, :1]), torch.zeros_like(images[:, :1])
         for index, step in enumerate(self.inference_timesteps):
             generator = torch.Generator(device=images.device).manual_seed(self.inference_seed + index)
-            anomaly_map = anomaly_map + self.anomaly_map(images, self.reconstruct(images, latents, step, generator))
-        anomaly_map, pred_score = self.scorer(anomaly_map / len(self.inference_timesteps))
+            level_pixel, level_feature = self.discrepancy(images, self.reconstruct(images, latents, step, generator))
+            pixel, feature = pixel + level_pixel, feature + level_feature
+        pixel, feature = pixel / len(self.inference_timesteps), feature / len(self.inference_timesteps)
+        anomaly_map, pred_score = self.scorer(self.pixel_weight * pixel + self.feature_weight * feature)
+        if self.score_from == "pixel":  # the image score from the pixel discrepancy alone (chosen on validation data)
+            pred_score = topk_mean(self.scorer.blur(pixel), self.scorer.top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
