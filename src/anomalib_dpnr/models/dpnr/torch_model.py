@@ -168,21 +168,11 @@ class DpnrModel(nn.Module):
         structured = self.dp_sni(self.embedder(images), latents.shape[-2:], generator)
         return structured.noise, structured
 
-    def noise(
-        self,
-        images: torch.Tensor,
-        latents: torch.Tensor,
-        anomalous_latents: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The forward-process noise ``eta`` alone."""
-        return self.inject(images, latents, anomalous_latents, generator)[0]
-
     # --- forward ------------------------------------------------------------------------------
     def reconstruct(self, images: torch.Tensor, latents: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
         """Corrupt with structured noise at ``step`` and reconstruct in one step (Eqs. 4-5)."""
         timesteps = torch.full((images.shape[0],), step, device=images.device, dtype=torch.long)
-        noisy = self.schedule.add_noise(latents, self.noise(images, latents, generator=generator), timesteps)
+        noisy = self.schedule.add_noise(latents, self.inject(images, latents, generator=generator)[0], timesteps)
         predicted = self.denoiser(noisy, timesteps).sample
         return self.codec.decode(self.schedule.predict_x0(noisy, predicted, timesteps)).clamp(-1, 1)
 
@@ -236,7 +226,8 @@ class DpnrModel(nn.Module):
             level_pixel, level_feature = self.discrepancy(images, self.reconstruct(images, latents, step, generator))
             pixel, feature = pixel + level_pixel, feature + level_feature
         pixel, feature = pixel / len(self.inference_timesteps), feature / len(self.inference_timesteps)
-        anomaly_map, pred_score = self.scorer(self.pixel_weight * pixel + self.feature_weight * feature)
-        if self.score_from == "pixel":  # the image score from the pixel discrepancy alone (chosen on validation data)
-            pred_score = topk_mean(self.scorer.blur(pixel), self.scorer.top_k)
+        anomaly_map = self.scorer.blur(self.pixel_weight * pixel + self.feature_weight * feature)
+        # the image score from the pixel discrepancy alone (chosen on validation data) or from the whole map
+        score_map = anomaly_map if self.score_from == "map" else self.scorer.blur(pixel)
+        pred_score = topk_mean(score_map, self.scorer.top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
