@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_DIFFUSION_AD
 
-from anomalib_dpnr.benchmark import load_grid, parse_model, register
+from anomalib_dpnr.benchmark import expand_model, load_grid, parse_model, register
 
 spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
 bench = importlib.util.module_from_spec(spec)
@@ -43,9 +44,22 @@ def tiny_grid(path: Path, data: Path, models: list[dict]) -> Path:
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
-def test_grid_configs_are_fair_and_parse(grid: Path) -> None:
-    """Every entry parses against its model, at 128 px, on the from_test split with seed 42, for bounded epochs."""
+def test_grid_configs_are_fair_and_parse(grid: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every entry is a training config (never a copy that can drift) and parses at 128 px, on the from_test
+    split with seed 42, for bounded epochs, with the same per-dataset overrides benchmarks/run.py applies."""
     register()
+    monkeypatch.chdir(REPO)
+    raw = yaml.safe_load(grid.read_text())["benchmark"]["model"]["grid"]
+    assert all("config" in entry for entry in raw)
+    assert [entry["config"] for entry in raw] == bench.default_configs()
+    dataset = grid.stem.removesuffix("_cpu")
+    for entry in raw:
+        model = bench._model_class(str(REPO / entry["config"]))
+        expected = list(bench.DATASET_ARGS.get((dataset, model.__name__), []))
+        if bench.DATASETS[dataset][2] and "use_foreground" in inspect.signature(model).parameters:
+            expected += bench.TEXTURE_ARGS
+        given = [arg for key, value in (entry.get("init_args") or {}).items() for arg in (f"--model.{key}", str(value).lower())]
+        assert given == expected, entry["config"]
     config, trainer = load_grid(grid)
     assert trainer["max_epochs"] == 8 and trainer.get("check_val_every_n_epoch", 1) == 1
     data = config["benchmark"]["data"]["init_args"]
@@ -60,6 +74,21 @@ def test_grid_configs_are_fair_and_parse(grid: Path) -> None:
             assert entry["init_args"]["pre_processor"]["init_args"]["transform"]["init_args"]["transforms"][0]["init_args"]["size"] == [128, 128]
             assert entry["init_args"]["evaluator"]["init_args"]["test_metrics"][-1]["class_path"] == "anomalib.metrics.AUPRO"
     assert {"Padim", "Patchcore", "DiffusionAD", "Dpnr"} <= names
+
+
+def test_expand_model_reads_the_training_config(tmp_path: Path) -> None:
+    config = tmp_path / "m.yaml"
+    config.write_text("model:\n  class_path: anomalib_dpnr.Dpnr\n  init_args: {image_size: 128, top_k: 50}\n")
+    assert expand_model({"config": "m.yaml", "init_args": {"top_k": 10}}, tmp_path) == {
+        "class_path": "anomalib_dpnr.Dpnr", "init_args": {"image_size": 128, "top_k": 10}}
+    assert expand_model({"class_path": "Padim"}, tmp_path) == {"class_path": "Padim"}
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        expand_model({"config": "missing.yaml"}, tmp_path)
+    with pytest.raises(ValueError, match="only 'init_args'"):
+        expand_model({"config": "m.yaml", "class_path": "Padim"}, tmp_path)
+    config.write_text("trainer: {max_epochs: 1}\n")
+    with pytest.raises(ValueError, match="no 'model:' section"):
+        expand_model({"config": "m.yaml"}, tmp_path)
 
 
 def test_load_grid_rejects_bad_files(tmp_path: Path) -> None:
@@ -163,10 +192,12 @@ def test_run_fails_loudly_when_a_job_fails(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_anomalib_benchmark_with_plugin_and_anomalib_models(tmp_path: Path, tiny_dataset: Path) -> None:
-    """A grid mixing DiffusionAD and PaDiM (different init_args) runs through anomalib's pipeline, one epoch each."""
-    tiny = {**TINY_DIFFUSION_AD, "use_foreground": False}
+    """A grid mixing DiffusionAD (a training config it refers to, with an override) and PaDiM (inline, different
+    init_args) runs through anomalib's pipeline, one epoch each."""
+    config = {"model": {"class_path": "anomalib_dpnr.DiffusionAD", "init_args": TINY_DIFFUSION_AD}}
+    (tmp_path / "diffusion_ad.yaml").write_text(yaml.safe_dump(config))
     padim = {"backbone": "efficientnet_lite0", "layers": ["blocks.2", "blocks.4"], "pre_trained": False, "n_features": 50}
-    models = [{"class_path": "anomalib_dpnr.DiffusionAD", "init_args": tiny}, {"class_path": "Padim", "init_args": padim}]
+    models = [{"config": "diffusion_ad.yaml", "init_args": {"use_foreground": False}}, {"class_path": "Padim", "init_args": padim}]
     grid = tiny_grid(tmp_path / "grid.yaml", tiny_dataset, models)
     done = run("-m", "anomalib_dpnr.cli", "benchmark", "--config", str(grid), "--csv", str(tmp_path / "out.csv"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -10,6 +10,9 @@ adjusts exactly those points in-process, then hands over to ``anomalib.cli.cli.m
 - every job's model is built by jsonargparse from the grid entry, as ``anomalib train`` builds it
   (so ``class_path: anomalib_dpnr.Dpnr`` and nested objects such as ``pre_processor``/``evaluator``
   work), after seeding with ``benchmark.seed``;
+- a grid entry may be ``{config: configs/dpnr/cpu.yaml, init_args: {...}}``: the ``model:`` section of that
+  training config, with ``init_args`` overriding single arguments, so grids never repeat (and drift from)
+  the configs users train with (:func:`expand_model`);
 - a top-level ``trainer:`` section of the grid file goes to every job's ``Engine`` (a model's own
   ``trainer_arguments``, e.g. PaDiM/PatchCore's one epoch, still win);
 - results are collected as the union of all jobs' columns (grid entries may have different ``init_args``);
@@ -21,12 +24,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["BenchmarkError", "build_model", "load_grid", "parse_model", "register", "run_benchmark"]
+__all__ = ["BenchmarkError", "build_model", "expand_model", "load_grid", "parse_model", "register", "run_benchmark"]
 
 LOG = Path("runs/pipeline.log")  # where anomalib's pipeline logs (relative to the working directory)
 RESULTS = Path("runs/benchmark")  # where it writes <timestamp>/results.csv
@@ -103,8 +107,30 @@ def _expected_jobs(config: dict) -> int:
     return count * len(list(get_iterator_from_grid_dict(config["benchmark"])))
 
 
+def expand_model(entry: Any, base: Path = Path()) -> Any:
+    """A grid entry with every ``{config: file, init_args: overrides}`` replaced by that file's ``model:`` section.
+
+    ``file`` is relative to ``base`` (the working directory, like the data paths in a grid); ``init_args``
+    replace the config's arguments one by one. Other entries are returned unchanged.
+    """
+    if not isinstance(entry, dict) or "config" not in entry:
+        return entry
+    if unknown := set(entry) - {"config", "init_args"}:
+        msg = f"grid entry {entry!r}: with 'config' only 'init_args' (overrides) may be given, not {sorted(unknown)}"
+        raise ValueError(msg)
+    path = base / entry["config"]
+    if not path.is_file():
+        msg = f"grid entry refers to {path}, which does not exist (paths are relative to {base.resolve()})"
+        raise FileNotFoundError(msg)
+    model = (yaml.safe_load(path.read_text()) or {}).get("model")
+    if not isinstance(model, dict) or "class_path" not in model:
+        msg = f"{path} has no 'model:' section with a class_path"
+        raise ValueError(msg)
+    return {"class_path": model["class_path"], "init_args": {**(model.get("init_args") or {}), **(entry.get("init_args") or {})}}
+
+
 def load_grid(path: Path, max_epochs: int | None = None) -> tuple[dict, dict[str, Any]]:
-    """The grid file and the trainer arguments for every job (``max_epochs`` overrides the file's)."""
+    """The grid file (config references expanded) and the trainer arguments for every job (``max_epochs`` overrides the file's)."""
     if not path.is_file():
         msg = f"benchmark config {path} not found"
         raise FileNotFoundError(msg)
@@ -112,6 +138,11 @@ def load_grid(path: Path, max_epochs: int | None = None) -> tuple[dict, dict[str
     if not isinstance(config.get("benchmark"), dict) or "model" not in config["benchmark"]:
         msg = f"{path}: needs a 'benchmark:' section with 'model' and 'data' (see benchmarks/configs/)"
         raise ValueError(msg)
+    models = config["benchmark"]["model"]
+    if isinstance(models, dict) and isinstance(models.get("grid"), list):
+        models["grid"] = [expand_model(entry) for entry in models["grid"]]
+    else:
+        config["benchmark"]["model"] = expand_model(models)
     trainer = dict(config.get("trainer") or {})
     if bad := RESERVED & set(trainer):
         msg = f"{path}: trainer keys {sorted(bad)} are set per job by anomalib; use the top-level 'accelerator'"
@@ -148,12 +179,15 @@ def run_benchmark(config_path: str | Path, max_epochs: int | None = None) -> Pat
     before = set(RESULTS.glob("*/results.csv"))
     log_start = LOG.stat().st_size if LOG.is_file() else 0
 
-    argv = sys.argv
-    sys.argv = ["anomalib", "benchmark", "--config", str(path)]
-    try:
-        cli.main()
-    finally:
-        sys.argv = argv
+    with tempfile.TemporaryDirectory() as tmp:  # anomalib reads the grid with the config references expanded
+        expanded = Path(tmp) / path.name
+        expanded.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = sys.argv
+        sys.argv = ["anomalib", "benchmark", "--config", str(expanded)]
+        try:
+            cli.main()
+        finally:
+            sys.argv = argv
 
     log = LOG.read_bytes()[log_start:].decode(errors="replace") if LOG.is_file() else ""
     new = sorted(set(RESULTS.glob("*/results.csv")) - before, key=lambda p: p.stat().st_mtime)
