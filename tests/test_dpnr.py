@@ -237,6 +237,7 @@ def test_image_score_comes_from_the_chosen_map() -> None:
             for index, step in enumerate(model.inference_timesteps)
         ))  # fmt: skip
         pixel, feature = sum(pixel) / len(pixel), sum(feature) / len(feature)
+        torch.testing.assert_close(model.mean_discrepancy(images), (pixel, feature))
         out = model(images)
         model.score_from = "map"
         by_map = model(images)

@@ -217,15 +217,20 @@ class DpnrModel(nn.Module):
         )  # fmt: skip
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> InferenceBatch:
-        """Average the discrepancy maps of one-step reconstructions from each inference level."""
+    def mean_discrepancy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel and ``Phi`` discrepancy maps of one-step reconstructions, averaged over the inference levels."""
         latents = self.codec.encode(images)
         pixel, feature = torch.zeros_like(images[:, :1]), torch.zeros_like(images[:, :1])
         for index, step in enumerate(self.inference_timesteps):
             generator = torch.Generator(device=images.device).manual_seed(self.inference_seed + index)
             level_pixel, level_feature = self.discrepancy(images, self.reconstruct(images, latents, step, generator))
             pixel, feature = pixel + level_pixel, feature + level_feature
-        pixel, feature = pixel / len(self.inference_timesteps), feature / len(self.inference_timesteps)
+        return pixel / len(self.inference_timesteps), feature / len(self.inference_timesteps)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> InferenceBatch:
+        """Anomaly map ``pixel_weight * pixel + feature_weight * feature`` (smoothed) and its top-k image score."""
+        pixel, feature = self.mean_discrepancy(images)
         anomaly_map = self.scorer.blur(self.pixel_weight * pixel + self.feature_weight * feature)
         # the image score from the pixel discrepancy alone (chosen on validation data) or from the whole map
         score_map = anomaly_map if self.score_from == "map" else self.scorer.blur(pixel)
