@@ -381,3 +381,60 @@ def test_bad_input_is_named() -> None:
         model(torch.zeros(1, 1, 64, 64))
     with pytest.raises(ValueError, match="divisible by 8"):
         model(torch.zeros(1, 3, 60, 60))
+
+
+def _inference_sweep():  # noqa: ANN202
+    """``benchmarks/dpnr_inference.py`` as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpnr_inference", Path(__file__).parents[1] / "benchmarks" / "dpnr_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_sweep_reads_the_maps_as_predict_does() -> None:
+    """The sweep's metrics for a setting equal those of ``predict`` run with that setting."""
+    from sklearn.metrics import roc_auc_score
+
+    sweep = _inference_sweep()
+    module = _built().eval()
+    images, labels = _images(4), torch.tensor([0, 0, 1, 1])
+    masks = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
+    masks[2:, :, 8:24, 8:24] = True
+    with torch.no_grad():
+        pixel, feature = module.model.mean_discrepancy(images)
+        for weights, score_from in (((1.0, 1.0), "pixel"), ((1.0, 2.0), "map"), ((0.0, 1.0), "map")):
+            module.model.pixel_weight, module.model.feature_weight = weights
+            module.model.score_from = score_from
+            out = module.model(images)
+            got = sweep.scores(module, pixel, feature, labels, masks, weights, score_from)
+            assert got["image_AUROC"] == round(float(roc_auc_score(labels, out.pred_score)), 4)
+            assert got["pixel_AUROC"] == round(float(roc_auc_score(masks.ravel(), out.anomaly_map.ravel())), 4)
+
+
+def test_inference_sweep_render_picks_the_best_validation_setting(tmp_path: Path) -> None:
+    import csv
+
+    sweep = _inference_sweep()
+    rows = []
+    for index, (timesteps, weights, score_from, split) in enumerate(
+        (t, w, s, split) for t in ("100", "100 200") for w in sweep.WEIGHTS for s in ("pixel", "map") for split in ("val", "test")
+    ):
+        best = (timesteps, weights, score_from) == ("100", (1.0, 0.0), "pixel")
+        rows.append({"inference_timesteps": timesteps, "pixel_weight": weights[0], "feature_weight": weights[1],
+                     "score_from": score_from, "split": split, "image_AUROC": 0.5, "pixel_AUROC": 0.9 if best else 0.6 + index / 1000,
+                     "pixel_AUPRO": 0.3, "checkpoint_setting": (timesteps, weights, score_from) == ("100 200", (1.0, 1.0), "pixel")})  # fmt: skip
+    table = tmp_path / "sweep.csv"
+    with table.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- bench:dpnr_inference -->\nold\n<!-- /bench:dpnr_inference -->\ny\n")
+    assert sweep.main(["--render", "--csv", str(table), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("x\n") and text.endswith("y\n")
+    assert "| best on val (pixel AUROC): levels 100, 1 pix + 0 feat, score from pixel | test | 0.5 | 0.9 | 0.3 |" in text
+    assert "| checkpoint's own: levels 100 200, 1 pix + 1 feat, score from pixel | val |" in text
+    assert sweep.main(["--csv", str(table), "--ckpt", str(tmp_path / "missing.ckpt")]) == 2

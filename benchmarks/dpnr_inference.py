@@ -1,0 +1,154 @@
+"""Sweep DPNR's inference choices on a trained checkpoint: noise levels, map terms, image-score source.
+
+Nothing is retrained: the checkpoint's denoiser, DP-SNI and repository are fixed, and each setting only
+changes how the test image is corrupted and how the discrepancy is read (``inference_timesteps``,
+``pixel_weight``/``feature_weight``, ``score_from``). Choose on the validation half (``split=val``); the
+test half (``split=test``) is the benchmark's scored half and is reported for the chosen setting only to
+show how it transfers. Same data, 128 px pre-processing and ``from_test`` split (seed 42) as
+``benchmarks/run.py``.
+
+    anomalib train --config configs/dpnr/cpu.yaml        # or the checkpoint benchmarks/run.py left in results/
+    python benchmarks/dpnr_inference.py --ckpt results/Dpnr/MVTecAD/bottle/v0/weights/lightning/model.ckpt \\
+        --dataset bottle --csv benchmarks/results/dpnr_inference_bottle.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]
+WEIGHTS = [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 2.0)]  # (pixel_weight, feature_weight)
+DATASETS = {"bottle": ("mvtec_ad", "bottle"), "magnetic_tile": (".", "magnetic_tile")}
+COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "score_from", "split",
+           "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "checkpoint_setting"]  # fmt: skip
+
+
+def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """Pixel and feature discrepancy maps, labels and masks (at the model's input size) over a dataloader."""
+    pixel, feature, labels, masks = [], [], [], []
+    for batch in loader:
+        images = model.pre_processor.transform(batch.image)
+        p, f = model.model.mean_discrepancy(images)
+        pixel.append(p), feature.append(f), labels.append(batch.gt_label)
+        masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
+    return torch.cat(pixel), torch.cat(feature), torch.cat(labels), torch.cat(masks)
+
+
+def scores(model, pixel, feature, labels, masks, weights, score_from) -> dict[str, float]:  # noqa: ANN001
+    """Image/pixel AUROC and PRO of one way of reading the maps, exactly as ``DpnrModel.predict`` reads them."""
+    from anomalib.metrics.aupro import _AUPRO
+    from sklearn.metrics import roc_auc_score
+
+    from anomalib_dpnr.components import topk_mean
+
+    blur, k = model.model.scorer.blur, model.model.scorer.top_k
+    anomaly_map = blur(weights[0] * pixel + weights[1] * feature)
+    score = topk_mean(anomaly_map if score_from == "map" else blur(pixel), k)
+    pro = _AUPRO()
+    pro.update(anomaly_map[:, 0], masks[:, 0].int())
+    return {
+        "image_AUROC": round(float(roc_auc_score(labels.numpy(), score.numpy())), 4),
+        "pixel_AUROC": round(float(roc_auc_score(masks.numpy().ravel(), anomaly_map.numpy().ravel())), 4),
+        "pixel_AUPRO": round(float(pro.compute()), 4),
+    }
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Every setting's metrics on the validation and the test half."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from anomalib.data import MVTecAD
+
+    from anomalib_dpnr import Dpnr
+
+    model = Dpnr.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    own = (model.model.inference_timesteps, (model.model.pixel_weight, model.model.feature_weight), model.model.score_from)
+    sub, category = DATASETS[args.dataset]
+    data = MVTecAD(root=args.data_root / sub, category=category, eval_batch_size=16, num_workers=0,
+                   val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
+    data.setup()
+    rows = []
+    with torch.no_grad():
+        for timesteps in [tuple(map(int, t.split())) for t in args.timesteps] if args.timesteps else TIMESTEPS:
+            model.model.inference_timesteps = timesteps
+            for split, loader in (("val", data.val_dataloader()), ("test", data.test_dataloader())):
+                computed = maps(model, loader)
+                for weights in WEIGHTS:
+                    for score_from in ("pixel", "map"):
+                        row = {"inference_timesteps": " ".join(map(str, timesteps)), "pixel_weight": weights[0],
+                               "feature_weight": weights[1], "score_from": score_from, "split": split,
+                               **scores(model, *computed, weights, score_from),
+                               "checkpoint_setting": (timesteps, weights, score_from) == own}  # fmt: skip
+                        rows.append(row)
+                        print(row, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", type=Path, help="a Dpnr checkpoint (not needed with --render)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="bottle")
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--csv", type=Path, required=True)
+    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose summary table to update")
+    parser.add_argument("--key", default="dpnr_inference", help="README marker key")
+    parser.add_argument("--render", action="store_true", help="compute nothing: redo the summary and README table from --csv")
+    parser.add_argument("--timesteps", nargs="+", help='level sets to try, e.g. "100" "100 200" (default: all of TIMESTEPS)')
+    args = parser.parse_args(argv)
+    if args.render:
+        with args.csv.open() as file:
+            numbers = ["pixel_weight", "feature_weight", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+            rows = [{**row, **{c: float(row[c]) for c in numbers}, "checkpoint_setting": row["checkpoint_setting"] == "True"}
+                    for row in csv.DictReader(file)]  # fmt: skip
+    else:
+        if args.ckpt is None or not args.ckpt.is_file():
+            print(f"no checkpoint at {args.ckpt}: train one first (see this script's docstring)", file=sys.stderr)
+            return 2
+        rows = sweep(args)
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    val = [row for row in rows if row["split"] == "val"]
+    best = max(val, key=lambda row: (row["pixel_AUROC"], row["image_AUROC"]))
+    same = lambda row: all(row[c] == best[c] for c in COLUMNS[:4])  # noqa: E731
+    test = next(row for row in rows if row["split"] == "test" and same(row))
+    mine = [row for row in rows if row["checkpoint_setting"]]
+    table = summary(rows, mine, best, test)
+    print(table)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from run import update_readme
+
+    for readme in args.readme:
+        update_readme(readme, args.key, table, "python benchmarks/dpnr_inference.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+def summary(rows: list[dict], mine: list[dict], best: dict, test: dict) -> str:
+    """Markdown: validation pixel AUROC per level set and map terms; the checkpoint's and the best setting on val and test."""
+    val = {(r["inference_timesteps"], r["pixel_weight"], r["feature_weight"], r["score_from"]): r for r in rows if r["split"] == "val"}
+    levels = list(dict.fromkeys(key[0] for key in val))
+    head = ["levels", *(f"pixel AUROC {p:g} pix + {f:g} feat" for p, f in WEIGHTS), "image AUROC (pixel score)", "image AUROC (map score)"]
+    lines = ["Validation half, by noise levels and map terms:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in levels:
+        cells = [str(val[(t, p, f, "pixel")]["pixel_AUROC"]) for p, f in WEIGHTS]
+        cells += [str(val[(t, 1.0, 1.0, "pixel")]["image_AUROC"]), str(val[(t, 1.0, 1.0, "map")]["image_AUROC"])]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines += ["", "| setting | split | image_AUROC | pixel_AUROC | pixel_AUPRO |", "|---|---|---|---|---|"]
+    for name, picked in (("checkpoint's own", mine), ("best on val (pixel AUROC)", [best, test])):
+        for r in picked:
+            setting = f"{name}: levels {r['inference_timesteps']}, {r['pixel_weight']:g} pix + {r['feature_weight']:g} feat, score from {r['score_from']}"
+            lines.append(f"| {setting} | {r['split']} | {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
