@@ -33,6 +33,7 @@ COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "score_from"
 
 def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """Pixel and feature discrepancy maps, labels and masks (at the model's input size) over a dataloader."""
+    model.model.feature_weight = 1.0  # non-zero, so mean_discrepancy computes the feature term (scores() weighs it)
     pixel, feature, labels, masks = [], [], [], []
     for batch in loader:
         images = model.pre_processor.transform(batch.image)
@@ -43,15 +44,14 @@ def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
 
 
 def scores(model, pixel, feature, labels, masks, weights, score_from) -> dict[str, float]:  # noqa: ANN001
-    """Image/pixel AUROC and PRO of one way of reading the maps, exactly as ``DpnrModel.predict`` reads them."""
+    """Image/pixel AUROC and PRO of one way of reading the maps, read by ``DpnrModel.score_maps`` itself."""
     from anomalib.metrics.aupro import _AUPRO
     from sklearn.metrics import roc_auc_score
 
-    from anomalib_dpnr.components import topk_mean
-
-    blur, k = model.model.scorer.blur, model.model.scorer.top_k
-    anomaly_map = blur(weights[0] * pixel + weights[1] * feature)
-    score = topk_mean(anomaly_map if score_from == "map" else blur(pixel), k)
+    model.model.pixel_weight, model.model.feature_weight = weights
+    model.model.score_from = score_from
+    out = model.model.score_maps(pixel, feature)
+    anomaly_map, score = out.anomaly_map, out.pred_score
     pro = _AUPRO()
     pro.update(anomaly_map[:, 0], masks[:, 0].int())
     return {

@@ -229,8 +229,11 @@ class DpnrModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
+        """Anomaly map and image score of ``images`` (see :meth:`score_maps`)."""
+        return self.score_maps(*self.mean_discrepancy(images))
+
+    def score_maps(self, pixel: torch.Tensor, feature: torch.Tensor) -> InferenceBatch:
         """Anomaly map ``pixel_weight * pixel + feature_weight * feature`` (smoothed) and its top-k image score."""
-        pixel, feature = self.mean_discrepancy(images)
         anomaly_map = self.scorer.blur(self.pixel_weight * pixel + self.feature_weight * feature)
         # the image score from the pixel discrepancy alone (chosen on validation data) or from the whole map
         score_map = anomaly_map if self.score_from == "map" else self.scorer.blur(pixel)
