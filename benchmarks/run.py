@@ -222,6 +222,14 @@ def update_readme(readme: Path, key: str, table: str, command: str) -> None:
     readme.write_text(head + block + tail)
 
 
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``--append``: each new row replaces the old row of the same model/config/dataset where it stood; others go last."""
+    key = lambda row: (row["model"], row["config"], row["dataset"])  # noqa: E731
+    fresh = {key(row): row for row in new}
+    merged = [fresh.pop(key(row), row) for row in old]
+    return merged + [row for row in new if key(row) in fresh]
+
+
 def read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -341,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, failed = run_jobs(jobs, args.csv, time.strftime("%Y%m%d-%H%M%S"))
         add_ratios(rows)
         if args.append and args.csv.is_file():
-            key = lambda row: (row["model"], row["config"], row["dataset"])  # noqa: E731
-            new_keys = {key(row) for row in rows}
-            rows = [row for row in read_csv(args.csv) if key(row) not in new_keys] + rows
+            rows = merge_rows(read_csv(args.csv), rows)
         if rows:
             write_csv(args.csv, rows)
     if not rows:

@@ -145,6 +145,15 @@ def test_ratios_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
+def test_append_replaces_rows_where_they_stood() -> None:
+    row = lambda model, dataset, run: {"model": model, "config": f"{model}.yaml", "dataset": dataset, "run_id": run}  # noqa: E731
+    old = [row("Padim", "bottle", "a"), row("Patchcore", "bottle", "a"), row("Dpnr", "bottle", "a"), row("Dpnr", "tile", "b")]
+    merged = bench.merge_rows(old, [row("Patchcore", "bottle", "c"), row("Dpnr", "bottle", "c"), row("Ran", "bottle", "c")])
+    assert [(r["model"], r["dataset"], r["run_id"]) for r in merged] == [
+        ("Padim", "bottle", "a"), ("Patchcore", "bottle", "c"), ("Dpnr", "bottle", "c"), ("Dpnr", "tile", "b"), ("Ran", "bottle", "c"),
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
     """PaDiM, a DPNR ablation and the PatchCore reference (added by itself) at toy scale: CSV, ratios, plot, README."""
