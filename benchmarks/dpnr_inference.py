@@ -5,7 +5,7 @@ changes how the test image is corrupted and how the discrepancy is read (``infer
 ``pixel_weight``/``feature_weight``, ``score_from``). Choose on the validation half (``split=val``); the
 test half (``split=test``) is the benchmark's scored half and is reported for the chosen setting only to
 show how it transfers. Same data, 128 px pre-processing and ``from_test`` split (seed 42) as
-``benchmarks/run.py``.
+``benchmarks/run.py``: dataset folders from its ``DATASETS``, split from ``configs/dpnr/cpu.yaml``'s data section.
 
     anomalib train --config configs/dpnr/cpu.yaml        # or the checkpoint benchmarks/run.py left in results/
     python benchmarks/dpnr_inference.py --ckpt results/Dpnr/MVTecAD/bottle/v0/weights/lightning/model.ckpt \\
@@ -22,11 +22,15 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from torch.nn import functional as F  # noqa: N812
 
+sys.path.insert(0, str(Path(__file__).parent))
+from run import DATASETS, REPO, update_readme  # noqa: E402
+
+CONFIG = REPO / "configs" / "dpnr" / "cpu.yaml"  # whose data section (split, seed, batch size) the sweep uses
 TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]
 WEIGHTS = [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 2.0)]  # (pixel_weight, feature_weight)
-DATASETS = {"bottle": ("mvtec_ad", "bottle"), "magnetic_tile": (".", "magnetic_tile")}
 COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "score_from", "split",
            "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "checkpoint_setting"]  # fmt: skip
 
@@ -70,9 +74,9 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
     model = Dpnr.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
     own = (model.model.inference_timesteps, (model.model.pixel_weight, model.model.feature_weight), model.model.score_from)
-    sub, category = DATASETS[args.dataset]
-    data = MVTecAD(root=args.data_root / sub, category=category, eval_batch_size=16, num_workers=0,
-                   val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
+    sub, category, _ = DATASETS[args.dataset]
+    init = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]
+    data = MVTecAD(**{**init, "root": args.data_root / sub, "category": category, "num_workers": 0})
     data.setup()
     rows = []
     with torch.no_grad():
@@ -124,9 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     mine = [row for row in rows if row["checkpoint_setting"]]
     table = summary(rows, mine, best, test)
     print(table)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from run import update_readme
-
     for readme in args.readme:
         update_readme(readme, args.key, table, "python benchmarks/dpnr_inference.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0
