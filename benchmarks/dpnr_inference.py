@@ -2,7 +2,7 @@
 
 Nothing is retrained: the checkpoint's denoiser, DP-SNI and repository are fixed, and each setting only
 changes how the test image is corrupted and how the discrepancy is read (``inference_timesteps``,
-``pixel_weight``/``feature_weight``, ``score_from``). Choose on the validation half (``split=val``); the
+``pixel_weight``/``feature_weight``, ``smoothing_sigma``, ``score_from``). Choose on the validation half (``split=val``); the
 test half (``split=test``) is the benchmark's scored half and is reported for the chosen setting only to
 show how it transfers. Same data, 128 px pre-processing and ``from_test`` split (seed 42) as
 ``benchmarks/run.py``: dataset folders from its ``DATASETS``, split from ``configs/dpnr/cpu.yaml``'s data section.
@@ -30,9 +30,11 @@ from run import DATASETS, REPO, update_readme  # noqa: E402
 
 CONFIG = REPO / "configs" / "dpnr" / "cpu.yaml"  # whose data section (split, seed, batch size) the sweep uses
 TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]
-WEIGHTS = [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (1.0, 2.0)]  # (pixel_weight, feature_weight)
-COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "score_from", "split",
+WEIGHTS = [(1.0, 0.1), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]  # (pixel_weight, feature_weight)
+SIGMAS = [2.0, 4.0]  # smoothing_sigma of the anomaly map
+COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "smoothing_sigma", "score_from", "split",
            "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "checkpoint_setting"]  # fmt: skip
+SETTING = COLUMNS[:5]  # the columns that name one way of reading the maps
 
 
 def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -47,13 +49,20 @@ def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     return torch.cat(pixel), torch.cat(feature), torch.cat(labels), torch.cat(masks)
 
 
-def scores(model, pixel, feature, labels, masks, weights, score_from) -> dict[str, float]:  # noqa: ANN001
-    """Image/pixel AUROC and PRO of one way of reading the maps, read by ``DpnrModel.score_maps`` itself."""
+def scores(model, pixel, feature, labels, masks, weights, score_from, sigma=None) -> dict[str, float]:  # noqa: ANN001
+    """Image/pixel AUROC and PRO of one way of reading the maps, read by ``DpnrModel.score_maps`` itself.
+
+    ``sigma``: the anomaly map's smoothing (``None``: the model's own).
+    """
     from anomalib.metrics.aupro import _AUPRO
     from sklearn.metrics import roc_auc_score
 
+    from anomalib_dpnr.components import AnomalyScorer
+
     model.model.pixel_weight, model.model.feature_weight = weights
     model.model.score_from = score_from
+    if sigma is not None and sigma != model.model.scorer.sigma:
+        model.model.scorer = AnomalyScorer(sigma, model.model.scorer.top_k)
     out = model.model.score_maps(pixel, feature)
     anomaly_map, score = out.anomaly_map, out.pred_score
     pro = _AUPRO()
@@ -73,7 +82,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     from anomalib_dpnr import Dpnr
 
     model = Dpnr.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
-    own = (model.model.inference_timesteps, (model.model.pixel_weight, model.model.feature_weight), model.model.score_from)
+    own = (model.model.inference_timesteps, (model.model.pixel_weight, model.model.feature_weight), model.model.scorer.sigma,
+           model.model.score_from)  # fmt: skip
     sub, category, _ = DATASETS[args.dataset]
     init = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]
     data = MVTecAD(**{**init, "root": args.data_root / sub, "category": category, "num_workers": 0})
@@ -84,14 +94,13 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             model.model.inference_timesteps = timesteps
             for split, loader in (("val", data.val_dataloader()), ("test", data.test_dataloader())):
                 computed = maps(model, loader)
-                for weights in WEIGHTS:
-                    for score_from in ("pixel", "map"):
-                        row = {"inference_timesteps": " ".join(map(str, timesteps)), "pixel_weight": weights[0],
-                               "feature_weight": weights[1], "score_from": score_from, "split": split,
-                               **scores(model, *computed, weights, score_from),
-                               "checkpoint_setting": (timesteps, weights, score_from) == own}  # fmt: skip
-                        rows.append(row)
-                        print(row, flush=True)
+                for weights, sigma, score_from in ((w, s, f) for w in WEIGHTS for s in args.sigmas for f in ("pixel", "map")):
+                    row = {"inference_timesteps": " ".join(map(str, timesteps)), "pixel_weight": weights[0],
+                           "feature_weight": weights[1], "smoothing_sigma": sigma, "score_from": score_from, "split": split,
+                           **scores(model, *computed, weights, score_from, sigma),
+                           "checkpoint_setting": (timesteps, weights, sigma, score_from) == own}  # fmt: skip
+                    rows.append(row)
+                    print(row, flush=True)
     return rows
 
 
@@ -105,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="dpnr_inference", help="README marker key")
     parser.add_argument("--render", action="store_true", help="compute nothing: redo the summary and README table from --csv")
     parser.add_argument("--timesteps", nargs="+", help='level sets to try, e.g. "100" "100 200" (default: all of TIMESTEPS)')
+    parser.add_argument("--sigmas", nargs="+", type=float, default=SIGMAS, help="anomaly-map smoothing sigmas to try")
     args = parser.parse_args(argv)
     if args.render:
         with args.csv.open() as file:
-            numbers = ["pixel_weight", "feature_weight", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+            numbers = ["pixel_weight", "feature_weight", "smoothing_sigma", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
             rows = [{**row, **{c: float(row[c]) for c in numbers}, "checkpoint_setting": row["checkpoint_setting"] == "True"}
                     for row in csv.DictReader(file)]  # fmt: skip
     else:
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(rows)
     val = [row for row in rows if row["split"] == "val"]
     best = max(val, key=lambda row: (row["pixel_AUROC"], row["image_AUROC"]))
-    same = lambda row: all(row[c] == best[c] for c in COLUMNS[:4])  # noqa: E731
+    same = lambda row: all(row[c] == best[c] for c in SETTING)  # noqa: E731
     test = next(row for row in rows if row["split"] == "test" and same(row))
     mine = [row for row in rows if row["checkpoint_setting"]]
     table = summary(rows, mine, best, test)
@@ -134,22 +144,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summary(rows: list[dict], mine: list[dict], best: dict, test: dict) -> str:
-    """Markdown: validation pixel AUROC per level set and map terms; the checkpoint's and the best setting on val and test."""
-    val = {(r["inference_timesteps"], r["pixel_weight"], r["feature_weight"], r["score_from"]): r for r in rows if r["split"] == "val"}
-    levels = list(dict.fromkeys(key[0] for key in val))
-    head = ["levels", *(f"pixel AUROC {p:g} pix + {f:g} feat" for p, f in WEIGHTS), "image AUROC (pixel score)", "image AUROC (map score)"]
-    lines = ["Validation half, by noise levels and map terms:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in levels:
-        cells = [str(val[(t, p, f, "pixel")]["pixel_AUROC"]) for p, f in WEIGHTS]
-        cells += [str(val[(t, 1.0, 1.0, "pixel")]["image_AUROC"]), str(val[(t, 1.0, 1.0, "map")]["image_AUROC"])]
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    """Markdown: validation pixel AUROC per level set, smoothing and map terms; the checkpoint's and the best setting on val and test."""
+    val = {tuple(r[c] for c in SETTING): r for r in rows if r["split"] == "val"}
+    groups = list(dict.fromkeys((key[0], key[3]) for key in val))  # (levels, sigma)
+    (p0, f0) = WEIGHTS[0]
+    head = ["levels", "sigma", *(f"pixel AUROC {p:g} pix + {f:g} feat" for p, f in WEIGHTS),
+            f"image AUROC (pixel score, {p0:g} pix + {f0:g} feat)", "image AUROC (map score)"]  # fmt: skip
+    lines = ["Validation half, by noise levels, map smoothing and map terms:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t, sigma in groups:
+        cells = [str(val[(t, p, f, sigma, "pixel")]["pixel_AUROC"]) for p, f in WEIGHTS]
+        cells += [str(val[(t, p0, f0, sigma, "pixel")]["image_AUROC"]), str(val[(t, p0, f0, sigma, "map")]["image_AUROC"])]
+        lines.append(f"| {t} | {sigma:g} | " + " | ".join(cells) + " |")
     lines += ["", "| setting | split | image_AUROC | pixel_AUROC | pixel_AUPRO |", "|---|---|---|---|---|"]
     for name, picked in (("checkpoint's own", mine), ("best on val (pixel AUROC)", [best, test])):
         for r in picked:
-            setting = f"{name}: levels {r['inference_timesteps']}, {r['pixel_weight']:g} pix + {r['feature_weight']:g} feat, score from {r['score_from']}"
+            setting = (f"{name}: levels {r['inference_timesteps']}, {r['pixel_weight']:g} pix + {r['feature_weight']:g} feat, "
+                       f"sigma {r['smoothing_sigma']:g}, score from {r['score_from']}")  # fmt: skip
             lines.append(f"| {setting} | {r['split']} | {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ from anomalib.data import InferenceBatch
 from conftest import TINY_DPNR
 
 from anomalib_dpnr import Dpnr
-from anomalib_dpnr.components import from_unit_range, to_unit_range, topk_mean
+from anomalib_dpnr.components import AnomalyScorer, from_unit_range, to_unit_range, topk_mean
 from anomalib_dpnr.components.prototypes import PrototypeMemory, kmeans_prototypes, merge_prototypes
 from anomalib_dpnr.components.weights import MissingWeightsError
 from anomalib_dpnr.models.dpnr.dp_sni import DPSNI, NoiseParameterizer
@@ -404,11 +404,13 @@ def test_inference_sweep_reads_the_maps_as_predict_does() -> None:
     masks[2:, :, 8:24, 8:24] = True
     with torch.no_grad():
         pixel, feature = module.model.mean_discrepancy(images)
-        for weights, score_from in (((1.0, 1.0), "pixel"), ((1.0, 2.0), "map"), ((0.0, 1.0), "map")):
+        for weights, score_from, sigma in (((1.0, 1.0), "pixel", 4.0), ((1.0, 2.0), "map", 2.0), ((0.0, 1.0), "map", 0.0)):
             module.model.pixel_weight, module.model.feature_weight = weights
             module.model.score_from = score_from
+            module.model.scorer = AnomalyScorer(sigma, module.model.scorer.top_k)
             out = module.model(images)
-            got = sweep.scores(module, pixel, feature, labels, masks, weights, score_from)
+            module.model.scorer = AnomalyScorer(1.0, module.model.scorer.top_k)  # the sweep must set its own sigma
+            got = sweep.scores(module, pixel, feature, labels, masks, weights, score_from, sigma)
             assert got["image_AUROC"] == round(float(roc_auc_score(labels, out.pred_score)), 4)
             assert got["pixel_AUROC"] == round(float(roc_auc_score(masks.ravel(), out.anomaly_map.ravel())), 4)
 
@@ -418,13 +420,15 @@ def test_inference_sweep_render_picks_the_best_validation_setting(tmp_path: Path
 
     sweep = _inference_sweep()
     rows = []
-    for index, (timesteps, weights, score_from, split) in enumerate(
-        (t, w, s, split) for t in ("100", "100 200") for w in sweep.WEIGHTS for s in ("pixel", "map") for split in ("val", "test")
+    for index, (timesteps, weights, sigma, score_from, split) in enumerate(
+        (t, w, g, s, split) for t in ("100", "100 200") for w in sweep.WEIGHTS for g in sweep.SIGMAS
+        for s in ("pixel", "map") for split in ("val", "test")
     ):
-        best = (timesteps, weights, score_from) == ("100", (1.0, 0.0), "pixel")
+        best = (timesteps, weights, sigma, score_from) == ("100", (1.0, 0.0), 2.0, "pixel")
         rows.append({"inference_timesteps": timesteps, "pixel_weight": weights[0], "feature_weight": weights[1],
-                     "score_from": score_from, "split": split, "image_AUROC": 0.5, "pixel_AUROC": 0.9 if best else 0.6 + index / 1000,
-                     "pixel_AUPRO": 0.3, "checkpoint_setting": (timesteps, weights, score_from) == ("100 200", (1.0, 1.0), "pixel")})  # fmt: skip
+                     "smoothing_sigma": sigma, "score_from": score_from, "split": split, "image_AUROC": 0.5,
+                     "pixel_AUROC": 0.9 if best else 0.6 + index / 1000, "pixel_AUPRO": 0.3,
+                     "checkpoint_setting": (timesteps, weights, sigma, score_from) == ("100 200", (1.0, 1.0), 4.0, "pixel")})  # fmt: skip
     table = tmp_path / "sweep.csv"
     with table.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=sweep.COLUMNS)
@@ -435,6 +439,6 @@ def test_inference_sweep_render_picks_the_best_validation_setting(tmp_path: Path
     assert sweep.main(["--render", "--csv", str(table), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and text.startswith("x\n") and text.endswith("y\n")
-    assert "| best on val (pixel AUROC): levels 100, 1 pix + 0 feat, score from pixel | test | 0.5 | 0.9 | 0.3 |" in text
-    assert "| checkpoint's own: levels 100 200, 1 pix + 1 feat, score from pixel | val |" in text
+    assert "| best on val (pixel AUROC): levels 100, 1 pix + 0 feat, sigma 2, score from pixel | test | 0.5 | 0.9 | 0.3 |" in text
+    assert "| checkpoint's own: levels 100 200, 1 pix + 1 feat, sigma 4, score from pixel | val |" in text
     assert sweep.main(["--csv", str(table), "--ckpt", str(tmp_path / "missing.ckpt")]) == 2

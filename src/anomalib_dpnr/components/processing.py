@@ -100,6 +100,7 @@ class AnomalyScorer(nn.Module):
         if sigma < 0 or top_k < 1:
             msg = f"need sigma >= 0 and top_k >= 1, got sigma={sigma}, top_k={top_k}"
             raise ValueError(msg)
+        self.sigma = sigma
         self.top_k = top_k
         self.blur = gaussian_blur(sigma)
 

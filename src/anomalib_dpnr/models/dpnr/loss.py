@@ -29,7 +29,7 @@ class RHNLoss(nn.Module):
         self,
         alpha: float = 0.0,
         beta: float = 0.0,
-        background_weight: float = 0.1,
+        background_weight: float = 4.0,
         snr_clamp: float = 5.0,
         learnable: bool = True,
     ) -> None:
