@@ -163,5 +163,6 @@ def summary(rows: list[dict], mine: list[dict], best: dict, test: dict) -> str:
             lines.append(f"| {setting} | {r['split']} | {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |")
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     sys.exit(main())
