@@ -54,11 +54,12 @@ def test_demo_installs_the_weights_a_config_needs(tmp_path: Path, monkeypatch: p
     """The README's main command needs no separate `weights install`: the demo sees DPNR's missing weights."""
     from conftest import REPO
 
-    from anomalib_dpnr.cli import DEMO_CONFIGS, _needs_lite0
-    from anomalib_dpnr.components.weights import install_efficientnet_lite0
+    from anomalib_dpnr.cli import DEMO_CONFIGS, install_missing_weights
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     dpnr, diffusion_ad = REPO / DEMO_CONFIGS["dpnr"], REPO / DEMO_CONFIGS["diffusion_ad"]
-    assert _needs_lite0(dpnr) and not _needs_lite0(diffusion_ad)
-    install_efficientnet_lite0()
-    assert not _needs_lite0(dpnr)
+    assert install_missing_weights(diffusion_ad) is None  # no ImageNet backbone: nothing installed
+    installed = install_missing_weights(dpnr)
+    assert installed is not None and installed.is_file() and installed.is_relative_to(tmp_path / "hub")
+    require_pretrained("efficientnet_lite0")  # now found offline
+    assert install_missing_weights(dpnr) is None  # already there: not installed again

