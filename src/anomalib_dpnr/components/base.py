@@ -14,6 +14,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning_utilities.core.imports import module_available
 
 from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
 from .distributed import sync_fitted_state
@@ -111,14 +112,29 @@ class DiffusionAnomalyModule(AnomalibModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def to_onnx(self, export_root: Path | str, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any) -> Path:
-        """anomalib's ONNX export at a fixed input size (default: ``image_size``) and opset 18.
+        """anomalib's ONNX export at opset 18; batch, height and width stay dynamic unless ``input_size`` fixes them.
 
-        The seeded inference noise has the image's shape, so height and width cannot stay dynamic (the batch
-        size does); opset 18 is what torch's exporter writes (anomalib asks for 14, which fails to convert).
+        The embedded pre-processor resizes every image to ``image_size`` and the seeded inference noise is drawn
+        at that size, so any image size works. Opset 18 is what torch's exporter writes (anomalib asks for 14,
+        which fails to convert) and what antialiased resizing needs.
         """
+        if input_size is None and self.input_size is None:
+            msg = (
+                f"{type(self).__name__} cannot be exported with dynamic height and width without a Resize in its "
+                "pre-processor: the seeded inference noise needs a fixed image size. Keep the default pre-processor "
+                "or pass input_size=(H, W) (anomalib export --input_size '[H, W]')"
+            )
+            raise ValueError(msg)
         kwargs.setdefault("opset_version", 18)
         with torch.no_grad():  # no grad-mode regions in the graph: decomposing it takes half the time
-            return super().to_onnx(export_root, model_file_name, input_size=input_size or tuple(self.input_size), **kwargs)
+            return super().to_onnx(export_root, model_file_name, input_size=input_size, **kwargs)
+
+    def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """anomalib's OpenVINO export (through :meth:`to_onnx`), after checking OpenVINO is installed."""
+        if not module_available("openvino"):
+            msg = f"{type(self).__name__}: OpenVINO export needs the openvino package: pip install 'anomalib-dpnr[openvino]'"
+            raise ModuleNotFoundError(msg, name="openvino")
+        return super().to_openvino(export_root, *args, **kwargs)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict maps and scores so anomalib can fit thresholds and normalisation."""
