@@ -5,7 +5,8 @@ changes how the test image is corrupted and how the discrepancy is read (``infer
 ``pixel_weight``/``feature_weight``, ``smoothing_sigma``, ``score_from``). Choose on the validation half (``split=val``); the
 test half (``split=test``) is the benchmark's scored half and is reported for the chosen setting only to
 show how it transfers. Same data, 128 px pre-processing and ``from_test`` split (seed 42) as
-``benchmarks/run.py``: dataset folders from its ``DATASETS``, split from ``configs/dpnr/cpu.yaml``'s data section.
+``anomalib-dpnr compare``: sample-data folders from ``anomalib_dpnr.compare.DATASETS``, split from
+``configs/dpnr/cpu.yaml``'s data section.
 
     anomalib train --config configs/dpnr/cpu.yaml        # or the checkpoint benchmarks/run.py left in results/
     python benchmarks/dpnr_inference.py --ckpt results/Dpnr/MVTecAD/bottle/v0/weights/lightning/model.ckpt \\
@@ -25,10 +26,10 @@ import torch
 import yaml
 from torch.nn import functional as F  # noqa: N812
 
-sys.path.insert(0, str(Path(__file__).parent))
-from run import DATASETS, REPO, update_readme  # noqa: E402
+from anomalib_dpnr.compare import DATASETS, update_readme
+from anomalib_dpnr.config_files import config_path
 
-CONFIG = REPO / "configs" / "dpnr" / "cpu.yaml"  # whose data section (split, seed, batch size) the sweep uses
+CONFIG = config_path("dpnr/cpu")  # whose data section (split, seed, batch size) the sweep uses
 TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]
 WEIGHTS = [(1.0, 0.1), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]  # (pixel_weight, feature_weight)
 SIGMAS = [2.0, 4.0]  # smoothing_sigma of the anomaly map

