@@ -1,0 +1,165 @@
+"""Deployment (issue 18) for every model in ``conftest.MODELS``: exported graphs take images of any size.
+
+Each model trains once (module-scoped ``deployed``) at ``image_size`` 64 on a generated dataset of 96 px
+images, with one inference noise level (each level is another copy of the graph: export time), predicts
+that dataset's test images through ``Engine.predict`` (what ``anomalib predict`` runs) and is exported
+through ``Engine.export`` (what ``anomalib export`` runs) to torch, ONNX and OpenVINO. Every inferencer is
+fed the files as they are read and must give ``predict``'s scores and anomaly maps.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.data.utils import read_image
+from anomalib.deploy import ExportType
+from anomalib.engine import Engine
+from conftest import MODELS
+from torchvision.transforms.v2 import Resize
+
+import anomalib_dpnr
+from anomalib_dpnr.components import base
+from anomalib_dpnr.components.base import DiffusionAnomalyModule
+from anomalib_dpnr.components.processing import MatrixResize
+from anomalib_dpnr.data import make_synthetic_dataset
+
+SIZE = 96  # the dataset's images; the tiny models run at 64
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO's CPU plugin computes in bf16 where the CPU has it
+
+
+def build(name: str, **overrides: object) -> DiffusionAnomalyModule:
+    """The tiny configuration of model ``name``, with one inference noise level where it has several."""
+    cls = getattr(anomalib_dpnr, name)
+    arguments = {**MODELS[name][1], **overrides}
+    default = inspect.signature(cls).parameters.get("inference_timesteps")
+    if default is not None and "inference_timesteps" not in arguments:
+        arguments["inference_timesteps"] = list(default.default)[:1]
+    return cls(**arguments)
+
+
+def unit_normalisation(module: DiffusionAnomalyModule) -> None:
+    """Normalisation range [0, 1], thresholds 0.5: a 1-epoch tiny model scores every image alike (fitted
+    min = max), and min-max normalisation then magnifies 1e-8 float differences into failures."""
+    post = module.post_processor
+    post.load_state_dict({k: torch.full_like(v, 0.5 if "threshold" in k else float("max" in k)) for k, v in post.state_dict().items()})
+
+
+@dataclass
+class Deployed:
+    """A trained model, ``predict``'s outputs per test file and the exported files."""
+
+    module: DiffusionAnomalyModule
+    predicted: dict[str, tuple[torch.Tensor, torch.Tensor]]  # path -> (pred_score, anomaly_map [64, 64])
+    exported: dict[ExportType, Path]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data96"), image_size=SIZE, num_train=8, num_test_good=2, num_test_defect=2)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def deployed(name: str, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Deployed:
+    root = tmp_path_factory.mktemp(f"deploy_{name}")
+    module = build(name, seed=0)
+    engine = Engine(
+        default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    datamodule = MVTecAD(
+        root=data, category="woven", train_batch_size=4, eval_batch_size=4, num_workers=0, val_split_mode="from_test", seed=0
+    )
+    engine.fit(module, datamodule=datamodule)
+    unit_normalisation(module.eval())
+    batches = engine.predict(module, data_path=data / "woven" / "test", return_predictions=True)
+    predicted = {
+        path: (score, anomaly_map.reshape(anomaly_map.shape[-2:]))
+        for batch in batches
+        for path, score, anomaly_map in zip(batch.image_path, batch.pred_score.reshape(-1), batch.anomaly_map, strict=True)
+    }
+    exported = {kind: engine.export(module, kind, export_root=root) for kind in (ExportType.TORCH, ExportType.ONNX, ExportType.OPENVINO)}
+    return Deployed(module, predicted, exported)
+
+
+def assert_matches_predict(deployed: Deployed, path: str, score: object, anomaly_map: object, atol: float) -> None:
+    expected_score, expected_map = deployed.predicted[path]
+    got_map = torch.as_tensor(anomaly_map).reshape(-1, *expected_map.shape)
+    assert got_map.shape[0] == 1, path
+    torch.testing.assert_close(torch.as_tensor(score).reshape(()), expected_score, atol=atol, rtol=0, msg=path)
+    torch.testing.assert_close(got_map[0], expected_map, atol=atol, rtol=0, msg=path)
+
+
+def test_matrix_resize_is_torchvisions_antialiased_resize() -> None:
+    """The resize inside exported graphs computes what ``predict``'s pre-processing does (any size, up or down)."""
+    for size in [(96, 96), (80, 48), (900, 700), (64, 64), (48, 40), (63, 65)]:
+        images = torch.rand(2, 3, *size)
+        torch.testing.assert_close(MatrixResize((64, 64))(images), Resize((64, 64), antialias=True)(images), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # the first test per model trains and exports it (here: DiffusionAD ~50 s, Dpnr ~2 min)
+def test_torch_inferencer_matches_predict(deployed: Deployed, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib.deploy import TorchInferencer
+
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    inferencer = TorchInferencer(path=deployed.exported[ExportType.TORCH], device="cpu")
+    for path in deployed.predicted:
+        got = inferencer.predict(path)  # the 96 px file as read: the embedded pre-processor resizes
+        assert_matches_predict(deployed, path, got.pred_score.detach(), got.anomaly_map.detach(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_export_takes_any_image_size(deployed: Deployed) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(deployed.exported[ExportType.ONNX]))
+    assert [str(d) for d in session.get_inputs()[0].shape] != ["1", "3", "64", "64"]  # batch, height, width dynamic
+    paths = list(deployed.predicted)
+    images = torch.stack([read_image(path, as_tensor=True) for path in paths])  # [N, 3, 96, 96], one batch
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+    for index, path in enumerate(paths):
+        assert_matches_predict(deployed, path, outputs["pred_score"][index], outputs["anomaly_map"][index], atol=1e-4)
+    odd = torch.nn.functional.interpolate(images[:2], size=(80, 48), mode="bilinear")  # non-square, another size
+    outputs = dict(zip(names, session.run(None, {"input": odd.numpy()}), strict=True))
+    with torch.no_grad():
+        expected = deployed.module(odd)
+    torch.testing.assert_close(torch.from_numpy(outputs["pred_score"]), expected.pred_score, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(outputs["anomaly_map"]), expected.anomaly_map, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_openvino_export_takes_any_image_size(deployed: Deployed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino")
+    from anomalib.deploy import OpenVINOInferencer
+
+    monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes ./openvino_cache
+    path = deployed.exported[ExportType.OPENVINO]
+    inferencer = OpenVINOInferencer(path=path, device="CPU", config=F32)
+    shape = inferencer.input_blob.get_partial_shape()
+    assert [shape[i].is_dynamic for i in range(4)] == [True, False, True, True]
+    for image in deployed.predicted:
+        got = inferencer.predict(image)  # the 96 px file as read, as anomalib's inferencers feed it
+        assert_matches_predict(deployed, image, got.pred_score, got.anomaly_map, atol=1e-3)
+    default = OpenVINOInferencer(path=path, device="CPU")  # bf16 on CPUs that have it: about 1e-3 off
+    for image in deployed.predicted:
+        got = default.predict(image)
+        assert_matches_predict(deployed, image, got.pred_score, got.anomaly_map, atol=1e-2)
+
+
+def test_export_errors_say_why(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"without a Resize in its pre-processor.*input_size"):
+        build(name, pre_processor=False).to_onnx(tmp_path)
+    monkeypatch.setattr(base, "module_available", lambda module: module != "openvino")
+    with pytest.raises(ModuleNotFoundError, match=r"OpenVINO export needs the openvino package: pip install 'anomalib-dpnr\[openvino\]'"):
+        build(name).to_openvino(tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
