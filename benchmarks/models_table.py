@@ -1,0 +1,81 @@
+"""Write the README's model table: model, paper, status and one line of headline numbers from comparison CSVs.
+
+The headline of a model on a dataset is its pixel AUROC / PRO (mean ± std when the CSVs hold several seeds of the
+same config) beside the baseline it has to beat there (PatchCore on bottle, PaDiM on magnetic_tile), and its
+inference time as a multiple of PatchCore's in the same run. Rows of several CSVs (e.g. one per seed) are pooled.
+
+    python benchmarks/models_table.py --csv benchmarks/results/comparison_cpu.csv --csv benchmarks/results/dpnr_seeds_cpu.csv --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from anomalib_dpnr.compare import read_csv, summarise, update_readme
+
+# (shown name, class in anomalib_dpnr, paper, README, its CPU config); a model without a config is planned.
+MODELS = [
+    ("DPNR", "Dpnr", "dual-prototype noise repository (DP-SNI, RHN-Loss)", "src/anomalib_dpnr/models/dpnr/README.md", "configs/dpnr/cpu.yaml"),
+    ("DiffusionAD", "DiffusionAD", "Zhang et al., DiffusionAD", "src/anomalib_dpnr/models/diffusion_ad/README.md", "configs/diffusion_ad/cpu.yaml"),
+    ("D3AD", "D3AD", "Tebbe & Tayyub, Dynamic Addition of Noise (with DDAD)", None, None),
+    ("DiAD", "DiAD", "He et al., DiAD (Semantic-Guided latent diffusion)", None, None),
+    ("RAN", "Ran", "Lu et al., Removing Anomalies as Noises", None, None),
+]  # fmt: skip
+TARGETS = {"bottle": "Patchcore", "magnetic_tile": "Padim"}  # the baseline each dataset's headline compares with
+
+
+def _value(row: dict, column: str, digits: int = 3) -> str:
+    text = f"{row[column]:.{digits}f}"
+    return text + (f" ± {row[column + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
+
+
+def headline(summary: list[dict], name: str, config: str) -> str:
+    """``bottle 0.958 / 0.824 (PatchCore 0.937 / 0.739), ...; inference 20x PatchCore`` for one model's config."""
+    parts, ratios = [], []
+    for dataset, reference in TARGETS.items():
+        own = [r for r in summary if r["model"] == name and r["config"] == config and r["dataset"] == dataset]
+        base = [r for r in summary if r["model"] == reference and r["dataset"] == dataset]
+        if not own or not base:
+            continue
+        (row,), ref = own, base[0]
+        seeds = f", {row['seeds']} seeds" if row["seeds"] > 1 else ", 1 seed"
+        parts.append(f"{dataset} {_value(row, 'pixel_AUROC')} / {_value(row, 'pixel_AUPRO')}{seeds} "
+                     f"({reference} {ref['pixel_AUROC']:.3f} / {ref['pixel_AUPRO']:.3f})")  # fmt: skip
+        if "infer_x_patchcore" in row:
+            ratios.append(f"{row['infer_x_patchcore']:.0f}x")
+    if not parts:
+        return "not benchmarked yet"
+    return "pixel AUROC / PRO: " + "; ".join(parts) + (f"; inference {' / '.join(ratios)} PatchCore's" if ratios else "")
+
+
+def table(rows: list[dict]) -> str:
+    summary = summarise(rows)
+    lines = ["| model | class | paper | status | headline (CPU configs, 128 px) |", "|---|---|---|---|---|"]
+    for name, cls, paper, readme, config in MODELS:
+        shown = f"[{name}]({readme})" if readme else name
+        status = "implemented" if config else "planned"
+        numbers = headline(summary, cls, config) if config else ""
+        lines.append(f"| {shown} | `anomalib_dpnr.{cls}` | {paper} | {status} | {numbers} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", type=Path, action="append", required=True, help="comparison CSV(s), pooled")
+    parser.add_argument("--readme", type=Path, action="append", default=[])
+    parser.add_argument("--key", default="models")
+    args = parser.parse_args(argv)
+    rows = [row for path in args.csv for row in read_csv(path)]
+    text = table(rows)
+    print(text)
+    command = "python benchmarks/models_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    for readme in args.readme:
+        update_readme(readme, args.key, text, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
