@@ -52,12 +52,11 @@ def test_unknown_backbone_and_missing_source_are_explained(tmp_path: Path) -> No
 
 def test_demo_installs_the_weights_a_config_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's main command needs no separate `weights install`: the demo sees DPNR's missing weights."""
-    from conftest import REPO
-
-    from anomalib_dpnr.cli import DEMO_CONFIGS, install_missing_weights
+    from anomalib_dpnr.cli import install_missing_weights
+    from anomalib_dpnr.config_files import config_path
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    dpnr, diffusion_ad = REPO / DEMO_CONFIGS["dpnr"], REPO / DEMO_CONFIGS["diffusion_ad"]
+    dpnr, diffusion_ad = config_path("dpnr"), config_path("diffusion_ad")
     assert install_missing_weights(diffusion_ad) is None  # no ImageNet backbone: nothing installed
     installed = install_missing_weights(dpnr)
     assert installed is not None and installed.is_file() and installed.is_relative_to(tmp_path / "hub")
