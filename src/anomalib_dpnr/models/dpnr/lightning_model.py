@@ -81,8 +81,8 @@ class Dpnr(DiffusionAnomalyModule):
         pixel_weight: Weight of the pixel discrepancy in the anomaly map.
         feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map.
         top_k: Pixels averaged into the image score.
-        score_from: Map whose top-k mean is the image score: ``"pixel"`` (the pixel discrepancy alone;
-            on bottle's validation half it ranked images better than the feature-weighted map) or ``"map"``.
+        score_from: Map whose top-k mean is the image score: ``"pixel"`` (the pixel discrepancy alone) or
+            ``"map"`` (the anomaly map); ``benchmarks/dpnr_inference.py`` compares both on a checkpoint.
         smoothing_sigma: Gaussian sigma on the anomaly map (0 disables).
         inference_seed: Seed of the fixed inference noise.
         anomaly_source_path: Texture folder for synthetic anomalies ``x_a``; ``None`` = self-texture.
