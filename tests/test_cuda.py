@@ -21,6 +21,7 @@ from anomalib.engine import Engine
 from conftest import MODELS
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from test_export import unit_normalisation
 from test_reliability import build, datamodule, sample_images
 
 from anomalib_dpnr.components.base import DiffusionAnomalyModule
@@ -160,9 +161,7 @@ def test_onnx_export_on_the_device(trained: Trained, tiny_dataset: Path, tmp_pat
     images = sample_images(tiny_dataset)
     module = on_device(trained.module, trained)
     module.model.inference_timesteps = module.model.inference_timesteps[:1]  # one noise level: half the export time
-    post = module.post_processor  # a unit normalisation range (see test_reliability.test_onnx_export_matches)
-    unit = {k: torch.full_like(v, 0.5 if "threshold" in k else float("max" in k)) for k, v in post.state_dict().items()}
-    post.load_state_dict(unit)
+    unit_normalisation(module)
     expected = reference(module, images)
     path = trained.engine.export(module, ExportType.ONNX, export_root=tmp_path)  # traced on the device
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
