@@ -17,6 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def call(*args: str | Path, cwd: Path, env: dict | None = None) -> str:
+    """Run a command without ``PYTHONPATH`` (a source folder on it would hide the installed wheel)."""
+    env = {key: value for key, value in (env or os.environ).items() if key != "PYTHONPATH"}
     done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{output[-4000:]}"
