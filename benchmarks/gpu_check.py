@@ -41,6 +41,8 @@ import torch  # noqa: E402
 from anomalib.data import Batch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 
+from anomalib_dpnr.config_files import config_names, config_path, display_name  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = [
     "model", "config", "variant", "data", "device", "precision", "train_batch_size", "train_steps_timed",
@@ -51,11 +53,6 @@ FIELDS = [
 QUICK = ["--model.layers_per_block", "1", "--model.attention_levels", "[3]", "--data.train_batch_size", "4",
          "--data.eval_batch_size", "4"]  # fmt: skip
 PIXEL_SPACE = "pixel space (--model.vae_path null): VAE not in the offline HF cache"
-
-
-def shown(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it."""
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def say(message: str) -> None:
@@ -226,7 +223,8 @@ def write_row(path: Path, row: dict[str, object], first: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", type=Path, default=sorted((REPO / "configs").glob("*/paper.yaml")))
+    paper = [config_path(name) for name in config_names() if name.endswith("/paper")]
+    parser.add_argument("--configs", nargs="+", type=Path, default=paper)
     parser.add_argument("--data", default=None, help="folder holding <category>/ (default: ../shared/data/mvtec_ad)")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--generated", action="store_true", help="use a generated dataset even if MVTec AD is there")
@@ -251,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         for index, config in enumerate(configs):
-            say(f"model {index + 1}/{len(configs)}: {shown(config)}")
-            row: dict[str, object] = {"model": model_name(config), "config": shown(config), "variant": "paper"}
+            say(f"model {index + 1}/{len(configs)}: {display_name(config)}")
+            row: dict[str, object] = {"model": model_name(config), "config": display_name(config), "variant": "paper"}
             row["precision"] = args.precision
             try:
                 check_model(config, args, Path(work), row)

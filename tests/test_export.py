@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from anomalib.data import MVTecAD
 from anomalib.data.utils import read_image
 from anomalib.deploy import ExportType
-from anomalib.engine import Engine
 from conftest import MODELS
+from test_reliability import build as tiny_model
+from test_reliability import datamodule
+from test_reliability import engine as cpu_engine
 from torchvision.transforms.v2 import Resize
 
 import anomalib_dpnr
@@ -62,12 +63,10 @@ print("OPENVINO " + json.dumps(out))
 
 def build(name: str, **overrides: object) -> DiffusionAnomalyModule:
     """The tiny configuration of model ``name``, with one inference noise level where it has several."""
-    cls = getattr(anomalib_dpnr, name)
-    arguments = {**MODELS[name][1], **overrides}
-    default = inspect.signature(cls).parameters.get("inference_timesteps")
-    if default is not None and "inference_timesteps" not in arguments:
-        arguments["inference_timesteps"] = list(default.default)[:1]
-    return cls(**arguments)
+    default = inspect.signature(getattr(anomalib_dpnr, name)).parameters.get("inference_timesteps")
+    if default is not None and "inference_timesteps" not in {**MODELS[name][1], **overrides}:
+        overrides["inference_timesteps"] = list(default.default)[:1]
+    return tiny_model(name, **overrides)
 
 
 def unit_normalisation(module: DiffusionAnomalyModule) -> None:
@@ -101,14 +100,8 @@ def name(request: pytest.FixtureRequest) -> str:
 def deployed(name: str, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Deployed:
     root = tmp_path_factory.mktemp(f"deploy_{name}")
     module = build(name, seed=0)
-    engine = Engine(
-        default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    datamodule = MVTecAD(
-        root=data, category="woven", train_batch_size=4, eval_batch_size=4, num_workers=0, val_split_mode="from_test", seed=0
-    )
-    engine.fit(module, datamodule=datamodule)
+    engine = cpu_engine(root)
+    engine.fit(module, datamodule=datamodule(data))
     unit_normalisation(module.eval())
     batches = engine.predict(module, data_path=data / "woven" / "test", return_predictions=True)
     predicted = {
