@@ -14,7 +14,7 @@ from anomalib_dpnr import Dpnr
 from anomalib_dpnr.components import AnomalyScorer, from_unit_range, to_unit_range, topk_mean
 from anomalib_dpnr.components.prototypes import PrototypeMemory, kmeans_prototypes, merge_prototypes
 from anomalib_dpnr.components.weights import MissingWeightsError
-from anomalib_dpnr.models.dpnr.dp_sni import DPSNI, NoiseParameterizer
+from anomalib_dpnr.models.dpnr.dp_sni import DPSNI, NoiseParameterizer, NoiseParameters
 from anomalib_dpnr.models.dpnr.loss import EpsilonLoss, InjectionLoss, RHNLoss
 from anomalib_dpnr.models.dpnr.repository import extract_patches
 from anomalib_dpnr.models.dpnr.torch_model import DpnrOutput
@@ -113,8 +113,9 @@ def test_noise_base_is_scaled_tanh_of_the_reparameterised_sample() -> None:
     sni = DPSNI(feature_dim=8, channels=3, noise_scale=2.0)
     mean, log_variance, normal = torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), math.log(4.0)), torch.ones(1, 3, 2, 2)
     torch.testing.assert_close(sni.noise_base(mean, log_variance, normal), torch.full((1, 3, 2, 2), 2.0 * math.tanh(2.5)))
+    torch.manual_seed(0)
     mu, logvar = NoiseParameterizer(8, 3)(torch.randn(2, 8, 4, 4))
-    assert mu.abs().max() == 0 and logvar.abs().max() == 0  # training starts from N(0, 1)
+    assert 0 < mu.abs().max() < 0.1 and 0 < logvar.abs().max() < 0.1  # training starts near N(0, 1), not at a dead zero
 
 
 def test_blend_follows_the_foreground_mask() -> None:
@@ -226,18 +227,31 @@ def test_inference_gives_an_inference_batch() -> None:
     assert torch.equal(out.pred_score, again.pred_score)
 
 
+def _unbatched_discrepancy(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel and feature maps level by level, every level from scratch (what the batched inference must equal)."""
+    latents = model.codec.encode(images)
+    maps = []
+    for index, step in enumerate(model.inference_timesteps):
+        noise, _ = model.inject(images, latents, torch.Generator().manual_seed(model.inference_seed + index))
+        maps.append(model.discrepancy(images, model.reconstruct(latents, noise, torch.full((len(images),), step))))
+    pixel, feature = zip(*maps)
+    return sum(pixel) / len(pixel), sum(feature) / len(feature)
+
+
+@pytest.mark.parametrize("variant", [{}, {"structured_noise": False}, {"dp_sni": False}])
+def test_batched_inference_equals_level_by_level(variant: dict[str, bool]) -> None:
+    model = _built(**variant, feature_weight=1.0).eval().model
+    images = _images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.mean_discrepancy(images), _unbatched_discrepancy(model, images), atol=1e-5, rtol=0)
+
+
 def test_image_score_comes_from_the_chosen_map() -> None:
     module = _built(pixel_weight=1.0, feature_weight=1.0).eval()
     images = _images(2)
     model = module.model
     with torch.no_grad():
-        latents = model.codec.encode(images)
-        pixel, feature = zip(*(
-            model.discrepancy(images, model.reconstruct(images, latents, step, torch.Generator().manual_seed(index)))
-            for index, step in enumerate(model.inference_timesteps)
-        ))  # fmt: skip
-        pixel, feature = sum(pixel) / len(pixel), sum(feature) / len(feature)
-        torch.testing.assert_close(model.mean_discrepancy(images), (pixel, feature))
+        pixel, feature = model.mean_discrepancy(images)
         out = model(images)
         model.score_from = "map"
         by_map = model(images)
@@ -279,14 +293,80 @@ def test_loss_decreases_when_overfitting_a_few_images() -> None:
 def test_injection_loss_matches_a_hand_computed_case() -> None:
     attention = torch.tensor([[[[0.5, 0.9], [0.1, 0.5]]]])
     mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
-    kl = torch.tensor([0.2, 0.4])
-    out = InjectionLoss(kl_weight=2.0, mask_weight=1.0)(attention, kl, mask)
+    zeros = torch.zeros(1, 1, 2, 2)
+    background = (zeros, torch.full((1, 1, 2, 2), math.log(4.0)))  # N(0, 4)
+    foreground = (torch.ones(1, 1, 2, 2), zeros)  # N(1, 1)
+    real_bg = torch.tanh(torch.tensor([[[[0.0, 0.0], [2.0, -2.0]]]]))  # u = atanh(r / C) with C = 1
+    real_fg = torch.tanh(torch.tensor([[[[1.0, 3.0], [0.0, 0.0]]]]))
+    out = InjectionLoss(noise_scale=1.0, nll_weight=1.0, mask_weight=1.0, kl_weight=2.0, max_ratio=0.999)(
+        NoiseParameters(attention, background, foreground), torch.tensor([0.2, 0.4]), real_bg, real_fg, mask
+    )
     bce = -(math.log(0.5) + math.log(0.9) + math.log(0.9) + math.log(0.5)) / 4
+    nll_bg = 0.5 * (math.log(4.0) + 4.0 / 4.0)  # both background pixels at u = +-2
+    nll_fg = 0.5 * (0.0 + (0.0 + 4.0) / 2)  # foreground pixels at u = 1 and 3 around mu = 1
     assert out["mask_bce"].item() == pytest.approx(bce, rel=1e-5)
-    assert out["loss"].item() == pytest.approx(2.0 * 0.3 + bce, rel=1e-5)
+    assert out["nll"].item() == pytest.approx(nll_bg + nll_fg, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(nll_bg + nll_fg + bce + 2.0 * 0.3, rel=1e-4)
     # KL(N(mu, sigma^2) || N(0, 1)) is 0 at the prior and 0.5 mu^2 for unit variance
     assert DPSNI.kl_divergence(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)).item() == 0
     assert DPSNI.kl_divergence(torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2)).item() == pytest.approx(0.5)
+
+
+def _injection_losses(module: Dpnr) -> dict[str, torch.Tensor]:
+    """The full training loss of one batch, as ``Dpnr.training_step`` computes it."""
+    output, losses, _ = _training_output(module)
+    injection = module.injection_loss(output.dp_sni.parameters, output.dp_sni.kl, output.background_noise, output.foreground_noise, output.mask)
+    return {**injection, "loss": losses["loss"] + injection["loss"]}
+
+
+def test_every_dp_sni_parameter_trains_under_the_default_config() -> None:
+    module = _built()  # detach_noise true: the denoiser's loss does not reach DP-SNI, its own objective does
+    _injection_losses(module)["loss"].backward()
+    for name, parameter in module.model.dp_sni.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"DP-SNI parameter {name} gets no gradient"
+
+
+def test_dp_sni_reads_the_image_that_carries_the_defect() -> None:
+    module = _built()
+    output, _, anomalous = _training_output(module)
+    expected = module.model.dp_sni.parameterize(module.model.embedder(anomalous)).foreground_attention
+    torch.testing.assert_close(output.dp_sni.foreground_attention, expected)
+    # what Psi_bg and Psi_fg imitate: the normal latent's residual, and the defect inside its mask, both unit variance
+    torch.testing.assert_close(output.background_noise, module.model.raw_noise(_images(4)))
+    inside = output.mask.expand_as(output.foreground_noise) > 0
+    assert torch.allclose(output.foreground_noise[inside].pow(2).mean(), torch.tensor(1.0), atol=0.2)
+
+
+def test_dp_sni_training_fits_the_real_noise() -> None:
+    module = _built()
+    optimizer = torch.optim.Adam(module.model.dp_sni.parameters(), lr=1e-2)
+    images = _images(4)
+    torch.manual_seed(0)
+    anomalous, masks = module.repository_generator(to_unit_range(images))
+    history = []
+    for _ in range(40):
+        torch.manual_seed(0)
+        output = module.model.train()(images, from_unit_range(anomalous), masks)
+        injection = module.injection_loss(output.dp_sni.parameters, output.dp_sni.kl, output.background_noise, output.foreground_noise, output.mask)
+        optimizer.zero_grad()
+        injection["loss"].backward()
+        optimizer.step()
+        history.append((injection["nll"].item(), injection["mask_bce"].item()))
+    last = torch.tensor(history[-5:]).mean(dim=0)
+    assert last[0] < 0.9 * history[0][0] and last[1] < 0.5 * history[0][1]  # likelihood of the real noise and A_fg's BCE
+
+
+@pytest.mark.parametrize("part", ["matcher.query", "matcher.key", "matcher.foreground_prototypes", "background_parameterizer", "foreground_parameterizer"])
+def test_every_dp_sni_part_changes_the_anomaly_map(part: str) -> None:
+    module = _built().eval()
+    images = _images(2)
+    with torch.no_grad():
+        before = module.model(images).anomaly_map
+        for name, parameter in module.model.dp_sni.named_parameters():
+            if name.startswith(part):
+                parameter.add_(0.5 * torch.randn_like(parameter))
+        after = module.model(images).anomaly_map
+    assert (before - after).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -299,7 +379,7 @@ def test_denoiser_loss_reaches_dp_sni_only_when_not_detached(detach: bool) -> No
 
 
 # --- ablation switches (Table 2) ---------------------------------------------------------------
-def test_structured_noise_off_injects_plain_gaussian_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_structured_noise_off_injects_gaussian_noise_on_dp_sni_s_grid(monkeypatch: pytest.MonkeyPatch) -> None:
     module = _built(structured_noise=False)
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -309,16 +389,20 @@ def test_structured_noise_off_injects_plain_gaussian_noise(monkeypatch: pytest.M
     output, _, _ = _training_output(module)
     torch.manual_seed(0)
     module.model.schedule.sample_timesteps(4, torch.device("cpu"))
-    torch.testing.assert_close(output.structured, torch.randn(4, 3, 64, 64))
+    grid = module.model.embedder(_images(1)).shape[-2:]  # DP-SNI's noise bases live on the feature grid
+    expected = torch.nn.functional.interpolate(torch.randn(4, 3, *grid), size=(64, 64), mode="bicubic")
+    torch.testing.assert_close(output.structured, expected)
     assert not Dpnr(**TINY_DPNR, structured_noise=False).model.needs_repository
 
 
-def test_dp_sni_off_injects_raw_real_noise() -> None:
+def test_dp_sni_off_injects_the_raw_noise_of_the_corrupted_image() -> None:
     module = _built(dp_sni=False)
     output, _, anomalous = _training_output(module)
-    expected = module.model.raw_noise(_images(4), anomalous)
-    torch.testing.assert_close(output.structured, expected)
+    torch.testing.assert_close(output.structured, module.model.raw_noise(anomalous))  # training: the defective image
     assert torch.allclose(output.structured.flatten(1).std(dim=1), torch.ones(4), atol=1e-4)
+    images = _images(2)
+    latents = module.model.codec.encode(images)
+    torch.testing.assert_close(module.model.level_noises(images, latents)[0], module.model.raw_noise(latents))  # inference: the test image
 
 
 def test_rhn_loss_off_uses_the_standard_epsilon_loss() -> None:

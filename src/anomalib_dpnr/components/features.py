@@ -74,10 +74,14 @@ class FeatureEmbedder(nn.Module):
         features = self.extractor(((images + 1) / 2 - self.mean) / self.std)
         return [features[layer] for layer in self.layers]
 
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Side of the fused map of ``size`` images: ``(H / r, W / r)``, ``r`` = the finest layer's stride."""
+        return size[0] // self.reduction, size[1] // self.reduction
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Fused dense feature map ``[B, D, H / r, W / r]`` (Eq. 13), ``r`` = the finest layer's stride."""
         maps = self.layer_maps(images)
-        size = maps[0].shape[-2:]
+        size = self.grid(images.shape[-2:])
         return torch.cat(
             [w * F.interpolate(m, size=size, mode="bilinear", align_corners=False) for w, m in zip(self.layer_weights, maps, strict=True)],
             dim=1,
@@ -88,11 +92,23 @@ class FeatureEmbedder(nn.Module):
         return self(patches).mean(dim=(2, 3))
 
 
-def feature_distance_map(embedder: FeatureEmbedder, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of ``1 - cos(Phi_l(x), Phi_l(x_hat))``, upsampled to ``[B, 1, H, W]``."""
+def feature_distance_map(
+    embedder: FeatureEmbedder,
+    images: torch.Tensor,
+    reconstruction: torch.Tensor,
+    image_maps: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mean over layers of ``1 - cos(Phi_l(x), Phi_l(x_hat))``, upsampled to ``[B, 1, H, W]``.
+
+    ``image_maps``: ``Phi``'s layer maps of the inputs, computed once; a reconstruction batch that is ``n``
+    times longer (several noise levels of the same images, level-major) is compared with ``n`` copies.
+    """
     size = images.shape[-2:]
+    if image_maps is None:
+        image_maps = embedder.layer_maps(images)
+    copies = reconstruction.shape[0] // image_maps[0].shape[0]
     distances = [
-        F.interpolate(1 - F.cosine_similarity(a, b, dim=1).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-        for a, b in zip(embedder.layer_maps(images), embedder.layer_maps(reconstruction), strict=True)
+        F.interpolate(1 - F.cosine_similarity(a.repeat(copies, 1, 1, 1), b, dim=1).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+        for a, b in zip(image_maps, embedder.layer_maps(reconstruction), strict=True)
     ]
     return torch.stack(distances).mean(dim=0)

@@ -13,7 +13,7 @@ from anomalib_dpnr.components.diffusion import gaussian_noise
 from anomalib_dpnr.components.processing import gaussian_blur
 from anomalib_dpnr.components.prototypes import DynamicShapeMixin
 
-__all__ = ["DPSNI", "MatchOutput", "NoiseParameterizer", "PrototypeMatcher", "StructuredNoise"]
+__all__ = ["DPSNI", "MatchOutput", "NoiseParameterizer", "NoiseParameters", "PrototypeMatcher", "StructuredNoise"]
 
 
 class MatchOutput(NamedTuple):
@@ -25,13 +25,26 @@ class MatchOutput(NamedTuple):
     foreground_attention: torch.Tensor  # A_fg [B, 1, h, w]
 
 
+class NoiseParameters(NamedTuple):
+    """What DP-SNI computes from an image before sampling (Eqs. 14-16), on the feature grid ``h, w``."""
+
+    foreground_attention: torch.Tensor  # A_fg [B, 1, h, w]
+    background: tuple[torch.Tensor, torch.Tensor]  # (mu_bg, log sigma_bg^2) [B, C, h, w]
+    foreground: tuple[torch.Tensor, torch.Tensor]  # (mu_fg, log sigma_fg^2) [B, C, h, w]
+
+
 class StructuredNoise(NamedTuple):
     """DP-SNI output: the noise ``eps_s``, the smoothed foreground mask used to blend it, and what trains it."""
 
     noise: torch.Tensor  # [B, C, H, W]
     mask: torch.Tensor  # M_smooth [B, 1, H, W]
-    foreground_attention: torch.Tensor  # A_fg [B, 1, h, w]
+    parameters: NoiseParameters
     kl: torch.Tensor  # [B] mean KL(N(mu, sigma^2) || N(0, 1)) of both parameterizers (Eqs. 15-18)
+
+    @property
+    def foreground_attention(self) -> torch.Tensor:
+        """``A_fg`` ``[B, 1, h, w]``."""
+        return self.parameters.foreground_attention
 
 
 class PrototypeMatcher(DynamicShapeMixin, nn.Module):
@@ -91,7 +104,8 @@ class PrototypeMatcher(DynamicShapeMixin, nn.Module):
 class NoiseParameterizer(nn.Module):
     """``Psi``: features to ``(mu, log sigma^2)`` of a per-position Gaussian (Eqs. 15-16).
 
-    The last layer starts at zero, so training begins from ``mu = 0, sigma = 1``.
+    The last layer starts small (std ``1e-2``, zero bias), so training begins near ``mu = 0, sigma = 1``
+    while every layer already receives gradient.
 
     Args:
         feature_dim: Input width ``D``.
@@ -102,7 +116,7 @@ class NoiseParameterizer(nn.Module):
     def __init__(self, feature_dim: int, channels: int, hidden: int = 64) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(feature_dim, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, 2 * channels, 1))
-        nn.init.zeros_(self.net[-1].weight)
+        nn.init.normal_(self.net[-1].weight, std=1e-2)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,16 +173,26 @@ class DPSNI(nn.Module):
         up_fg = F.interpolate(foreground, size=size, mode="bicubic", align_corners=False)
         return (1 - mask) * up_bg + self.foreground_weight * mask * up_fg, mask
 
-    def forward(self, features: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None) -> StructuredNoise:
-        """Structured noise at latent ``size`` for the images whose ``Phi`` features are ``features``.
+    def parameterize(self, features: torch.Tensor) -> NoiseParameters:
+        """Match the features against the prototypes (Eq. 14) and parameterise both noise bases (Eqs. 15-16)."""
+        match = self.matcher(features)
+        return NoiseParameters(
+            match.foreground_attention,
+            self.background_parameterizer(match.background),
+            self.foreground_parameterizer(match.foreground),
+        )
+
+    def sample(self, parameters: NoiseParameters, size: tuple[int, int], generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised bases (Eqs. 17-19) blended at latent ``size`` (Eqs. 20-21): ``(eps_s, M_smooth)``.
 
         With a ``generator``, ``z`` is drawn once and shared by the batch (reproducible, batch-independent).
         """
-        match = self.matcher(features)
-        bases, kl = [], 0
-        for parameterizer, feature in ((self.background_parameterizer, match.background), (self.foreground_parameterizer, match.foreground)):
-            mean, log_variance = parameterizer(feature)
-            bases.append(self.noise_base(mean, log_variance, gaussian_noise(mean, generator)))
-            kl = kl + self.kl_divergence(mean, log_variance) / 2
-        noise, mask = self.blend(bases[0], bases[1], match.foreground_attention, size)
-        return StructuredNoise(noise, mask, match.foreground_attention, kl)
+        bases = [self.noise_base(mean, log_variance, gaussian_noise(mean, generator)) for mean, log_variance in (parameters.background, parameters.foreground)]
+        return self.blend(bases[0], bases[1], parameters.foreground_attention, size)
+
+    def forward(self, features: torch.Tensor, size: tuple[int, int], generator: torch.Generator | None = None) -> StructuredNoise:
+        """Structured noise at latent ``size`` for the images whose ``Phi`` features are ``features``."""
+        parameters = self.parameterize(features)
+        noise, mask = self.sample(parameters, size, generator)
+        kl = sum(self.kl_divergence(*pair) for pair in (parameters.background, parameters.foreground)) / 2
+        return StructuredNoise(noise, mask, parameters, kl)

@@ -74,9 +74,10 @@ class Dpnr(DiffusionAnomalyModule):
         dp_sni: Ablation: ``False`` = raw, unprocessed real noise instead of DP-SNI (Table 2).
         rhn_loss: Ablation: ``False`` = the standard epsilon loss (Table 2).
         detach_noise: Keep the denoiser's loss from reaching DP-SNI (``False`` = the paper's literal
-            end-to-end training, whose noise collapsed towards zero in our runs; see the README).
-        kl_weight: Weight of DP-SNI's KL term (``InjectionLoss``).
+            end-to-end training, whose noise collapses towards zero; see the README).
+        nll_weight: Weight of DP-SNI's real-noise likelihood term (``InjectionLoss``).
         mask_weight: Weight of DP-SNI's foreground-attention term (``InjectionLoss``).
+        kl_weight: Weight of DP-SNI's optional N(0, 1) prior (``InjectionLoss``; a guard for ``detach_noise: false``).
         inference_timesteps: Noise levels whose one-step reconstructions are averaged.
         pixel_weight: Weight of the pixel discrepancy in the anomaly map.
         feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map.
@@ -134,8 +135,9 @@ class Dpnr(DiffusionAnomalyModule):
         dp_sni: bool = True,
         rhn_loss: bool = True,
         detach_noise: bool = True,
-        kl_weight: float = 1.0,
+        nll_weight: float = 1.0,
         mask_weight: float = 1.0,
+        kl_weight: float = 0.0,
         inference_timesteps: Sequence[int] = (100, 200, 300),
         pixel_weight: float = 1.0,
         feature_weight: float = 0.1,
@@ -204,7 +206,7 @@ class Dpnr(DiffusionAnomalyModule):
         self.loss = (
             RHNLoss(rhn_alpha, rhn_beta, background_weight, snr_clamp, learn_loss_weights) if rhn_loss else EpsilonLoss()
         )
-        self.injection_loss = InjectionLoss(kl_weight, mask_weight)
+        self.injection_loss = InjectionLoss(noise_scale, nll_weight, mask_weight, kl_weight)
         generator_args = {
             "anomaly_source_path": anomaly_source_path,
             "blend_factor": tuple(blend_factor),
@@ -263,8 +265,10 @@ class Dpnr(DiffusionAnomalyModule):
         anomalous, masks = self.generator(to_unit_range(batch.image))
         output = self.model(batch.image, from_unit_range(anomalous), masks)
         losses = self.loss(output.predicted, output.structured, output.ideal, output.mask, output.snr)
-        if output.kl is not None:  # DP-SNI on: its own objective (see InjectionLoss)
-            injection = self.injection_loss(output.foreground_attention, output.kl, output.mask)
+        if output.dp_sni is not None:  # DP-SNI on: its own objective (see InjectionLoss)
+            injection = self.injection_loss(
+                output.dp_sni.parameters, output.dp_sni.kl, output.background_noise, output.foreground_noise, output.mask
+            )
             losses = {**losses, "loss": losses["loss"] + injection.pop("loss"), **injection}
         return self.log_losses(losses, batch.image.shape[0])
 

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-__all__ = ["EpsilonLoss", "InjectionLoss", "RHNLoss"]
+from .dp_sni import NoiseParameters
+
+__all__ = ["EpsilonLoss", "InjectionLoss", "RHNLoss", "gaussian_nll"]
 
 
 class RHNLoss(nn.Module):
@@ -89,31 +91,75 @@ class EpsilonLoss(nn.Module):
         return {"loss": loss, "eps": loss.detach()}
 
 
+def gaussian_nll(mean: torch.Tensor, log_variance: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of ``0.5 (log sigma^2 + (u - mu)^2 / sigma^2)`` (the Gaussian NLL without its constant).
+
+    ``mean``/``log_variance`` on a coarse grid are upsampled bilinearly to the target's ``[B, C, H, W]``;
+    ``weight`` ``[B, 1, H, W]`` selects the pixels that count (0 when none does).
+    """
+    size = target.shape[-2:]
+    mean = F.interpolate(mean, size=size, mode="bilinear", align_corners=False)
+    log_variance = F.interpolate(log_variance, size=size, mode="bilinear", align_corners=False)
+    nll = 0.5 * (log_variance + (target - mean).pow(2) * torch.exp(-log_variance))
+    total = (weight * nll).sum()
+    return total / (weight.sum() * target.shape[1]).clamp_min(1.0)
+
+
 class InjectionLoss(nn.Module):
     """What trains DP-SNI once the denoiser's loss no longer reaches it (``detach_noise``).
 
-    * ``kl_weight * KL(N(mu, sigma^2) || N(0, 1))`` of the noise parameterizers: the reparameterised
-      bases (Eqs. 15-18) stay noise instead of collapsing to a predictable constant;
-    * ``mask_weight * BCE(A_fg, M)``: the matcher's foreground attention (Eq. 14) learns where the
-      synthetic defect ``M`` is, so foreground prototypes mark defect-like regions.
+    * ``nll_weight * NLL``: each parameterizer is the Gaussian whose reparameterised, ``C tanh``-squashed
+      sample (Eqs. 15-19) imitates real noise of the image it sees: ``Psi_bg`` the latent's high-frequency
+      residual outside the synthetic defect, ``Psi_fg`` the defect's structure ``z_a - z_s`` inside it (the
+      noise the repository's background and foreground prototypes were built from), each scaled to unit
+      variance per image and mapped back through the squashing, ``u = atanh(r / C)``;
+    * ``mask_weight * BCE(A_fg, M)``: the matcher's foreground attention (Eq. 14), computed on the image
+      that carries the synthetic defect, learns where the defect ``M`` is;
+    * ``kl_weight * KL(N(mu, sigma^2) || N(0, 1))``: an optional prior (default off) against the bases
+      collapsing when DP-SNI is trained end to end (``detach_noise: false``).
 
     Args:
-        kl_weight: Weight of the KL term.
+        noise_scale: ``C`` of Eq. 19 (the model's ``noise_scale``).
+        nll_weight: Weight of the NLL term.
         mask_weight: Weight of the foreground-attention term.
+        kl_weight: Weight of the KL term.
+        max_ratio: ``|r / C|`` is clipped here before ``atanh``.
     """
 
-    def __init__(self, kl_weight: float = 1.0, mask_weight: float = 1.0) -> None:
+    def __init__(self, noise_scale: float = 1.6, nll_weight: float = 1.0, mask_weight: float = 1.0, kl_weight: float = 0.0, max_ratio: float = 0.99) -> None:
         super().__init__()
-        if kl_weight < 0 or mask_weight < 0:
-            msg = f"need kl_weight >= 0 and mask_weight >= 0, got {kl_weight}, {mask_weight}"
+        if min(nll_weight, kl_weight, mask_weight) < 0 or noise_scale <= 0 or not 0 < max_ratio < 1:
+            msg = (
+                "need noise_scale > 0, nll_weight, kl_weight, mask_weight >= 0 and 0 < max_ratio < 1, got "
+                f"{noise_scale}, {nll_weight}, {kl_weight}, {mask_weight}, {max_ratio}"
+            )
             raise ValueError(msg)
-        self.kl_weight = kl_weight
+        self.noise_scale = noise_scale
+        self.nll_weight = nll_weight
         self.mask_weight = mask_weight
+        self.kl_weight = kl_weight
+        self.max_ratio = max_ratio
 
-    def forward(self, foreground_attention: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``[B, 1, h, w]`` attention in ``[0, 1]``, ``[B]`` KL, ``[B, 1, H, W]`` defect mask (pooled to ``h, w``)."""
-        target = F.adaptive_avg_pool2d(mask.float(), foreground_attention.shape[-2:])
-        attention = foreground_attention.clamp(1e-6, 1 - 1e-6)
-        bce = F.binary_cross_entropy(attention, target)
+    def squashed(self, noise: torch.Tensor) -> torch.Tensor:
+        """``atanh(r / C)``: real noise in the space where Eq. 19 samples its Gaussian."""
+        return torch.atanh((noise / self.noise_scale).clamp(-self.max_ratio, self.max_ratio))
+
+    def forward(
+        self,
+        parameters: NoiseParameters,
+        kl: torch.Tensor,
+        background_noise: torch.Tensor,
+        foreground_noise: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """DP-SNI's ``parameters`` and ``[B]`` KL, real noise ``[B, C, H, W]`` and the defect mask ``[B, 1, H, W]``."""
+        attention = parameters.foreground_attention
+        target = F.adaptive_avg_pool2d(mask.float(), attention.shape[-2:])
+        bce = F.binary_cross_entropy(attention.clamp(1e-6, 1 - 1e-6), target)
+        nll = (
+            gaussian_nll(*parameters.background, self.squashed(background_noise), 1 - mask)
+            + gaussian_nll(*parameters.foreground, self.squashed(foreground_noise), mask)
+        )
         kl = kl.mean()
-        return {"loss": self.kl_weight * kl + self.mask_weight * bce, "kl": kl.detach(), "mask_bce": bce.detach()}
+        loss = self.nll_weight * nll + self.mask_weight * bce + self.kl_weight * kl
+        return {"loss": loss, "nll": nll.detach(), "mask_bce": bce.detach(), "kl": kl.detach()}

@@ -1,7 +1,8 @@
 """DPNR torch model: structured-noise diffusion with a dual-prototype noise repository.
 
 Training (Fig. 2): ``z_syn(t) = (1 - t/T) z_s + (t/T) z_a`` (Eq. 12) is corrupted with structured
-noise ``eps_s`` from DP-SNI (Eq. 4); the denoiser predicts ``eta_theta``. Its targets (RHN-Loss) are
+noise ``eps_s`` that DP-SNI computes from the image carrying the synthetic defect (Eq. 4); the
+denoiser predicts ``eta_theta``. Its targets (RHN-Loss) are
 ``eps_s`` itself and the *ideal* noise ``eps* = (x_t - sqrt(abar_t) z_s) / sqrt(1 - abar_t)``, the
 noise whose removal (Eq. 5) yields the normal latent ``z_s``: predicting it removes the defect.
 Inference (Fig. 3): corrupt the test latent with its own structured noise, reconstruct in one step
@@ -35,7 +36,18 @@ from anomalib_dpnr.components.latent import LatentCodec
 from .dp_sni import DPSNI, StructuredNoise
 from .repository import DualPrototypeRepository
 
-__all__ = ["DpnrModel", "DpnrOutput"]
+__all__ = ["DpnrModel", "DpnrOutput", "unit_variance"]
+
+
+def unit_variance(noise: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``noise`` divided by its per-image standard deviation (over the pixels where ``weight`` is 1, if given)."""
+    if weight is None:
+        scale = noise.flatten(1).std(dim=1)
+    else:
+        weight = weight.expand_as(noise).flatten(1)
+        count = weight.sum(dim=1).clamp_min(1.0)
+        scale = ((weight * noise.flatten(1).pow(2)).sum(dim=1) / count).sqrt()
+    return noise / scale.clamp_min(1e-6).view(-1, *([1] * (noise.dim() - 1)))
 
 
 @dataclass
@@ -49,8 +61,9 @@ class DpnrOutput:
     mask: torch.Tensor  # synthetic-defect mask M [B, 1, h, w]
     snr: torch.Tensor  # SNR(t) [B]
     timesteps: torch.Tensor
-    foreground_attention: torch.Tensor | None = None  # A_fg [B, 1, h, w] (DP-SNI only)
-    kl: torch.Tensor | None = None  # [B] KL of the noise parameterizers to N(0, 1) (DP-SNI only)
+    dp_sni: StructuredNoise | None = None  # DP-SNI's outputs on the anomalous image (DP-SNI only)
+    background_noise: torch.Tensor | None = None  # real residual of z_s, unit variance (what Psi_bg imitates)
+    foreground_noise: torch.Tensor | None = None  # z_a - z_s, unit variance inside M (what Psi_fg imitates)
 
 
 class DpnrModel(nn.Module):
@@ -146,41 +159,62 @@ class DpnrModel(nn.Module):
         self.dp_sni.matcher.initialise(self.repository.background.prototypes, self.repository.foreground.prototypes)
 
     # --- noise --------------------------------------------------------------------------------
-    def raw_noise(self, latents: torch.Tensor, anomalous_latents: torch.Tensor | None) -> torch.Tensor:
-        """Unprocessed real noise (DP-SNI off): latent high-frequency residual plus defect structure, unit variance."""
-        noise = latents - self.latent_blur(latents)
-        if anomalous_latents is not None:
-            noise = noise + anomalous_latents - latents
-        return noise / noise.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+    def raw_noise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unprocessed real noise (DP-SNI off): the latent's own high-frequency residual, unit variance per image."""
+        return unit_variance(latents - self.latent_blur(latents))
+
+    def gaussian_field(self, images: torch.Tensor, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Gaussian noise (structured noise off) on DP-SNI's grid, upsampled bicubically like its bases (Eq. 21)."""
+        grid = self.embedder.grid(images.shape[-2:])
+        base = gaussian_noise(latents.new_empty(latents.shape[0], latents.shape[1], *grid), generator)
+        return F.interpolate(base, size=latents.shape[-2:], mode="bicubic", align_corners=False)
 
     def inject(
         self,
         images: torch.Tensor,
         latents: torch.Tensor,
-        anomalous_latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, StructuredNoise | None]:
-        """The forward-process noise ``eta`` (DP-SNI structured, raw real or Gaussian) and DP-SNI's outputs."""
+        """The forward-process noise ``eta`` for ``images`` (DP-SNI structured, raw real or Gaussian) and DP-SNI's outputs.
+
+        Every variant is computed from the image being corrupted (the one carrying the synthetic defect in
+        training, the test image at inference), so training and inference see the same kind of noise.
+        """
         if not self.structured_noise:
-            return gaussian_noise(latents, generator), None
+            return self.gaussian_field(images, latents, generator), None
         if not self.use_dp_sni:
-            return self.raw_noise(latents, anomalous_latents), None
+            return self.raw_noise(latents), None
         structured = self.dp_sni(self.embedder(images), latents.shape[-2:], generator)
         return structured.noise, structured
 
+    def level_noises(self, images: torch.Tensor, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The seeded inference noise of every level; ``Phi`` and DP-SNI's parameters are computed once."""
+        generators = [torch.Generator(device=images.device).manual_seed(self.inference_seed + i) for i in range(len(self.inference_timesteps))]
+        if not self.structured_noise:
+            return [self.gaussian_field(images, latents, g) for g in generators]
+        if not self.use_dp_sni:
+            return [self.raw_noise(latents)] * len(generators)
+        parameters = self.dp_sni.parameterize(self.embedder(images))
+        return [self.dp_sni.sample(parameters, latents.shape[-2:], g)[0] for g in generators]
+
     # --- forward ------------------------------------------------------------------------------
-    def reconstruct(self, images: torch.Tensor, latents: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-        """Corrupt with structured noise at ``step`` and reconstruct in one step (Eqs. 4-5)."""
-        timesteps = torch.full((images.shape[0],), step, device=images.device, dtype=torch.long)
-        noisy = self.schedule.add_noise(latents, self.inject(images, latents, generator=generator)[0], timesteps)
+    def reconstruct(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Corrupt ``latents`` with ``noise`` at ``timesteps`` and reconstruct in one step (Eqs. 4-5)."""
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
         predicted = self.denoiser(noisy, timesteps).sample
         return self.codec.decode(self.schedule.predict_x0(noisy, predicted, timesteps)).clamp(-1, 1)
 
-    def discrepancy(self, images: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine-distance maps ``[B, 1, H, W]`` (zero if weighted 0)."""
+    def discrepancy(
+        self, images: torch.Tensor, reconstruction: torch.Tensor, image_maps: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine-distance maps ``[B, 1, H, W]`` (zero if weighted 0).
+
+        ``image_maps``: ``Phi``'s layer maps of the inputs if already computed (see ``feature_distance_map``).
+        """
         pixel = (images - reconstruction).abs().mean(dim=1, keepdim=True) / 2
-        feature = feature_distance_map(self.embedder, images, reconstruction) if self.feature_weight else torch.zeros_like(pixel)
-        return pixel, feature
+        if not self.feature_weight:
+            return pixel, torch.zeros_like(pixel)
+        return pixel, feature_distance_map(self.embedder, images, reconstruction, image_maps)
 
     def forward(
         self,
@@ -202,7 +236,7 @@ class DpnrModel(nn.Module):
         timesteps = self.schedule.sample_timesteps(images.shape[0], images.device)
         ratio = (timesteps.float() / self.schedule.num_timesteps).view(-1, 1, 1, 1)
         z_syn = (1 - ratio) * z_s + ratio * z_a  # Eq. 12
-        eta, structured = self.inject(images, z_s, z_a)
+        eta, structured = self.inject(anomalous, z_a)
         if self.detach_noise:  # the denoiser's loss must not shrink the noise it is asked to predict
             eta = eta.detach()
         noisy = self.schedule.add_noise(z_syn, eta, timesteps)  # Eq. 4
@@ -210,22 +244,26 @@ class DpnrModel(nn.Module):
         abar = self.schedule.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         ideal = (noisy - abar.sqrt() * z_s) / (1 - abar).clamp_min(1e-8).sqrt()
         latent_mask = F.adaptive_avg_pool2d(masks.reshape(images.shape[0], 1, *images.shape[-2:]).float(), z_s.shape[-2:])
-        return DpnrOutput(
-            noisy, predicted, eta, ideal, latent_mask, self.schedule.snr(timesteps), timesteps,
-            None if structured is None else structured.foreground_attention,
-            None if structured is None else structured.kl,
-        )  # fmt: skip
+        output = DpnrOutput(noisy, predicted, eta, ideal, latent_mask, self.schedule.snr(timesteps), timesteps, structured)
+        if structured is not None:  # what DP-SNI's parameterizers imitate (loss.InjectionLoss)
+            output.background_noise = self.raw_noise(z_s)
+            output.foreground_noise = unit_variance(z_a - z_s, latent_mask)
+        return output
 
     @torch.no_grad()
     def mean_discrepancy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel and ``Phi`` discrepancy maps of one-step reconstructions, averaged over the inference levels."""
+        """Pixel and ``Phi`` discrepancy maps of one-step reconstructions, averaged over the inference levels.
+
+        ``Phi`` of the input and DP-SNI's parameters are computed once; the levels share one denoiser pass.
+        """
+        batch, levels = images.shape[0], len(self.inference_timesteps)
         latents = self.codec.encode(images)
-        pixel, feature = torch.zeros_like(images[:, :1]), torch.zeros_like(images[:, :1])
-        for index, step in enumerate(self.inference_timesteps):
-            generator = torch.Generator(device=images.device).manual_seed(self.inference_seed + index)
-            level_pixel, level_feature = self.discrepancy(images, self.reconstruct(images, latents, step, generator))
-            pixel, feature = pixel + level_pixel, feature + level_feature
-        return pixel / len(self.inference_timesteps), feature / len(self.inference_timesteps)
+        noise = torch.cat(self.level_noises(images, latents))
+        timesteps = torch.tensor(self.inference_timesteps, device=images.device).repeat_interleave(batch)
+        reconstruction = self.reconstruct(latents.repeat(levels, 1, 1, 1), noise, timesteps)
+        image_maps = self.embedder.layer_maps(images) if self.feature_weight else None
+        pixel, feature = self.discrepancy(images.repeat(levels, 1, 1, 1), reconstruction, image_maps)
+        return tuple(m.view(levels, batch, *m.shape[1:]).mean(dim=0) for m in (pixel, feature))  # type: ignore[return-value]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
