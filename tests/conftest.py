@@ -44,6 +44,9 @@ TINY_DPNR = {
 # Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
 MODELS = {"DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
 
+# test_proof.py: what each tiny model needs (besides MODELS' init_args) to learn the generated data in 2 short epochs.
+PROOF = {"DiffusionAD": {"learning_rate": 2e-3}, "Dpnr": {"learning_rate": 2e-3}}
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -51,10 +51,11 @@ def datamodule(root: Path, category: str = "woven") -> MVTecAD:
 
 
 def engine(root: Path, **kwargs: object) -> Engine:
-    return Engine(
-        default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
+    settings = {
+        "default_root_dir": root, "max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False,
+        "enable_progress_bar": False, "enable_model_summary": False,
+    }  # fmt: skip
+    return Engine(**{**settings, **kwargs})
 
 
 @dataclass
