@@ -228,7 +228,7 @@ def test_noise_loss_counts_only_anomaly_free_images() -> None:
     out["loss"].backward()
     assert torch.isfinite(predicted.grad).all() and predicted.grad.abs().sum() == 0
     with pytest.raises(ValueError, match=r"\[B, L"):
-        loss(noise[:, 0, 0], predicted[:, 0, 0], masks, logits)
+        loss(noise[:, 0, 0, 0], predicted[:, 0, 0, 0], masks, logits)
 
 
 def test_training_step_masks_the_noise_loss_by_the_synthetic_label(monkeypatch: pytest.MonkeyPatch) -> None:
