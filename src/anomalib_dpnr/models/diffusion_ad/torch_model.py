@@ -208,14 +208,14 @@ class DiffusionADModel(nn.Module):
         """
         batch, levels = images.shape[0], len(steps)
         noise = self.inference_noise(images, levels).expand(-1, batch, *images.shape[1:]).flatten(0, 1)
-        timesteps = torch.tensor(steps, device=images.device).repeat_interleave(batch)
+        timesteps = torch.tensor(steps, device=images.device)[:, None].expand(levels, batch).reshape(-1)
         noisy = self.schedule.add_noise(images.repeat(levels, 1, 1, 1), noise, timesteps)
         return noisy, self.denoiser(noisy, timesteps).sample, timesteps
 
     def guided_estimate(self, images: torch.Tensor) -> torch.Tensor:
         """Norm-guided ``x0``: ``guiding_timestep`` guides ``guided_timestep`` (two levels, one denoiser pass)."""
         noisy, predicted, timesteps = self.denoise_levels(images, (self.guided_timestep, self.guiding_timestep))
-        (noisy_t, noisy_s), (eps_t, eps_s), (t, s) = noisy.chunk(2), predicted.chunk(2), timesteps.chunk(2)
+        (noisy_t, noisy_s), (eps_t, eps_s), (t, s) = (x.unflatten(0, (2, -1)).unbind(0) for x in (noisy, predicted, timesteps))
         return self.norm_guided(noisy_t, eps_t, t, self.estimate(noisy_s, eps_s, s))
 
     def _infer(self, images: torch.Tensor) -> InferenceBatch:
