@@ -19,6 +19,7 @@ from test_dpnr import _built, _images
 from anomalib_dpnr import DiffusionAD
 
 PINNED = Path(__file__).parent / "data" / "pinned_scores.json"
+PINNED_DIFFUSION_AD = {"inference_mode": "average", "clamp_estimate": False}
 DPNR = {"dpnr": {}, "dpnr_gaussian": {"structured_noise": False}, "dpnr_raw": {"dp_sni": False}}
 
 
@@ -34,7 +35,8 @@ def compute(name: str) -> dict[str, object]:
     images = _images(3, seed=1)
     with torch.no_grad():
         if name == "diffusion_ad":
-            out = DiffusionAD(**TINY_DIFFUSION_AD, seed=0).eval().model(images)
+            # the pinned numbers are plain one-step averaging (Alg. 2) without the reference's x0 clamp
+            out = DiffusionAD(**TINY_DIFFUSION_AD, **PINNED_DIFFUSION_AD, seed=0).eval().model(images)
             return {"pred_score": out.pred_score.tolist(), "anomaly_map": summary(out.anomaly_map)}
         model = _built(**DPNR[name], seed=0, feature_weight=1.0).eval().model
         torch.manual_seed(0)  # DP-SNI's parameterizers start at N(0, 1) whatever the features: make them matter

@@ -41,12 +41,22 @@ class DiffusionAD(DiffusionAnomalyModule):
         attention_head_dim: Channels per attention head.
         norm_num_groups: GroupNorm groups of the denoiser (must divide every width).
         segmentation_width: Base width of the segmentation U-Net.
-        inference_timesteps: Noise levels averaged at inference (paper: 100 and 200).
+        inference_mode: ``"norm_guided"`` (reference code, default: the one-step estimate from ``guiding_timestep``
+            guides the one-step denoising at ``guided_timestep``; two denoiser passes, one segmentation pass) or
+            ``"average"`` (paper Alg. 2: segmentation maps from every ``inference_timesteps`` level, averaged).
+        inference_timesteps: Noise levels averaged in ``"average"`` mode (paper: 100 and 200).
+        guided_timestep: Level whose one-step denoising is guided (reference: 200).
+        guiding_timestep: Noisier level whose clamped estimate guides it (reference: 400).
+        guidance_weight: Norm-guidance weight ``w`` in training and inference (reference: 1).
+        timestep_split: Training noise levels as a fraction of ``T``: the noise loss and the guided estimate at
+            ``t_n ~ U[0, split T)``, guided by ``t_s ~ U[split T, T)`` with an independent noise (reference: 300).
+        clamp_estimate: Clamp one-step ``x0`` estimates to ``[-1, 1]`` before they are used (reference code).
         top_k: Pixels averaged into the image score (paper: 50).
         smoothing_sigma: Gaussian sigma on the anomaly map (0 disables).
         inference_seed: Seed of the fixed inference noise.
         focal_weight: Weight ``gamma`` of the focal term (paper: 5).
-        focal_gamma: Focusing parameter of the focal loss.
+        focal_gamma: Focusing parameter of the focal loss (reference code: 4).
+        focal_alpha: Class weight of the focal loss (reference code: 0.5; negative: none).
         anomaly_source_path: Texture folder for synthetic anomalies (paper: DTD); ``None`` = self-texture.
         anomaly_probability: Share of synthetic anomalies per batch (paper: 3 of 6).
         blend_factor: Range of the anomaly opacity ``1 - beta`` (Eq. 9).
@@ -70,12 +80,19 @@ class DiffusionAD(DiffusionAnomalyModule):
         attention_head_dim: int = 64,
         norm_num_groups: int = 32,
         segmentation_width: int = 64,
+        inference_mode: str = "norm_guided",
         inference_timesteps: Sequence[int] = (100, 200),
+        guided_timestep: int = 200,
+        guiding_timestep: int = 400,
+        guidance_weight: float = 1.0,
+        timestep_split: float = 0.3,
+        clamp_estimate: bool = True,
         top_k: int = 50,
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
         focal_weight: float = 5.0,
-        focal_gamma: float = 2.0,
+        focal_gamma: float = 4.0,
+        focal_alpha: float = 0.5,
         anomaly_source_path: str | Path | None = None,
         anomaly_probability: float = 0.5,
         blend_factor: tuple[float, float] = (0.2, 1.0),
@@ -107,12 +124,18 @@ class DiffusionAD(DiffusionAnomalyModule):
             attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups,
             segmentation_width=segmentation_width,
+            inference_mode=inference_mode,
             inference_timesteps=inference_timesteps,
+            guided_timestep=guided_timestep,
+            guiding_timestep=guiding_timestep,
+            guidance_weight=guidance_weight,
+            timestep_split=timestep_split,
+            clamp_estimate=clamp_estimate,
             top_k=top_k,
             smoothing_sigma=smoothing_sigma,
             inference_seed=inference_seed,
         )
-        self.loss = DiffusionADLoss(focal_weight=focal_weight, focal_gamma=focal_gamma)
+        self.loss = DiffusionADLoss(focal_weight=focal_weight, focal_gamma=focal_gamma, focal_alpha=focal_alpha)
         self.generator = SyntheticAnomalyGenerator(
             anomaly_source_path=anomaly_source_path,
             probability=anomaly_probability,
@@ -123,7 +146,10 @@ class DiffusionAD(DiffusionAnomalyModule):
         self.learning_rate = learning_rate
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Synthesise anomalies, corrupt, denoise, segment; joint loss (Alg. 1)."""
+        """Synthesise anomalies, corrupt at two levels, norm-guided one-step estimate, segment; joint loss (Alg. 1).
+
+        An image whose synthetic mask is all zero is anomaly-free: only those count in the noise loss.
+        """
         del args, kwargs
         augmented, masks = self.generator(to_unit_range(batch.image))
         output = self.model(from_unit_range(augmented))

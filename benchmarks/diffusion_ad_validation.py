@@ -1,0 +1,115 @@
+"""Choose DiffusionAD's CPU settings on the validation half: train a config variant, score the validation half only.
+
+Each call trains ``configs/diffusion_ad/cpu.yaml`` with the given ``--model.*`` overrides on one sample dataset
+(same data, 128 px pre-processing and ``from_test`` split, seed 42, as ``anomalib-dpnr compare``) and appends,
+for each inference mode (``norm_guided``, ``average``), the image AUROC, pixel AUROC and pixel AUPRO on the
+*validation* half to ``--csv``. The scored test half is never read. Pick by validation pixel AUROC + AUPRO.
+
+    nice python benchmarks/diffusion_ad_validation.py --csv benchmarks/results/diffusion_ad_validation.csv \\
+        -- --model.learning_rate 0.0002 --model.segmentation_width 32
+    python benchmarks/diffusion_ad_validation.py --csv benchmarks/results/diffusion_ad_validation.csv --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS
+from anomalib_dpnr.config_files import config_path
+
+CONFIG = config_path("diffusion_ad/cpu")
+COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pixel_AUROC", "pixel_AUPRO",
+           "train_seconds"]  # fmt: skip
+
+
+def validation_metrics(model, loader) -> dict[str, float]:  # noqa: ANN001
+    """Image/pixel AUROC and AUPRO of ``model`` (a ``DiffusionAD``) over ``loader``, maps at the model's input size."""
+    from anomalib.metrics.aupro import _AUPRO
+    from sklearn.metrics import roc_auc_score
+
+    scores, labels, maps, masks = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            images = model.pre_processor.transform(batch.image)
+            out = model.model(images)
+            scores.append(out.pred_score), labels.append(batch.gt_label), maps.append(out.anomaly_map)
+            masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
+    anomaly_map, mask = torch.cat(maps), torch.cat(masks)
+    pro = _AUPRO()
+    pro.update(anomaly_map[:, 0], mask[:, 0].int())
+    return {
+        "image_AUROC": round(float(roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())), 4),
+        "pixel_AUROC": round(float(roc_auc_score(mask.numpy().ravel(), anomaly_map.numpy().ravel())), 4),
+        "pixel_AUPRO": round(float(pro.compute()), 4),
+    }
+
+
+def train_and_score(dataset: str, data_root: Path, overrides: list[str]) -> list[dict]:
+    """Fit the CPU config with ``overrides`` and score the validation half in both inference modes."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from anomalib.cli import AnomalibCLI
+    from lightning.pytorch import seed_everything
+
+    sub, category, texture = DATASETS[dataset]
+    seed_everything(42, workers=True)
+    args = ["fit", "--config", str(CONFIG), "--trainer.enable_progress_bar", "false",
+            "--data.root", str(data_root / sub), "--data.category", category, *(TEXTURE_ARGS if texture else [])]  # fmt: skip
+    cli = AnomalibCLI(args=[*args, *overrides], run=False)
+    start = time.perf_counter()
+    cli.engine.fit(model=cli.model, datamodule=cli.datamodule)
+    seconds = round(time.perf_counter() - start, 1)
+    model = cli.model.cpu().eval()
+    rows = []
+    for mode in ("norm_guided", "average"):
+        model.model.inference_mode = mode
+        metrics = validation_metrics(model, cli.datamodule.val_dataloader())
+        rows.append({"dataset": dataset, "overrides": shlex.join(overrides) or "(config)", "inference_mode": mode,
+                     "split": "val", **metrics, "train_seconds": seconds})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown table of the rows, best validation pixel AUROC + AUPRO first."""
+    key = lambda row: -(float(row["pixel_AUROC"]) + float(row["pixel_AUPRO"]))  # noqa: E731
+    lines = ["| dataset | overrides | inference mode | image AUROC | pixel AUROC | pixel AUPRO | train s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=key):
+        lines.append(f"| {r['dataset']} | `{r['overrides']}` | {r['inference_mode']} | {r['image_AUROC']} | {r['pixel_AUROC']} "
+                     f"| {r['pixel_AUPRO']} | {r['train_seconds']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="bottle")
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--csv", type=Path, required=True, help="rows are appended")
+    parser.add_argument("--render", action="store_true", help="train nothing: print the table of --csv")
+    parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
+    args = parser.parse_args(argv)
+    rows = []
+    if args.csv.is_file():
+        with args.csv.open() as file:
+            rows = list(csv.DictReader(file))
+    if not args.render:
+        rows += train_and_score(args.dataset, args.data_root, args.overrides)
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
