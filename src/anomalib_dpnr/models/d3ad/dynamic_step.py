@@ -105,7 +105,10 @@ class DynamicStep(DynamicBufferMixin, nn.Module):
         self.bank = features.detach().float()
         distances = self._distances(self.bank, exclude_self=True).reshape(-1)
         self.train_distances = distances
-        self.edges = torch.linspace(float(distances.min()), float(distances.max()), self.num_bins + 1, device=distances.device)
+        low, high = distances.min(), distances.max()
+        edges = low + (high - low) * torch.arange(self.num_bins + 1, device=distances.device) / self.num_bins
+        edges[0], edges[-1] = low, high  # exact ends
+        self.edges = edges
 
     def distances(self, features: torch.Tensor) -> torch.Tensor:
         """kNN distance of ``[B, L, C]`` features: ``[B]`` (image mode) or ``[B, L]`` (region mode)."""
