@@ -40,7 +40,7 @@ class DynamicStep(DynamicBufferMixin, nn.Module):
         max_step: Step of the last bin (reference: 80).
         step_rounding: Steps are rounded to a multiple of this (reference: 10).
         mode: ``image`` (one step per image) or ``region`` (one per feature-grid location).
-        chunk: Bank images compared at once (memory bound only; results do not depend on it).
+        chunk: Bank images compared at once (bounds memory; results do not depend on it).
     """
 
     def __init__(
@@ -84,17 +84,23 @@ class DynamicStep(DynamicBufferMixin, nn.Module):
         raw = max(bin_index, self.min_bin) / self.num_bins * self.max_step
         return max(self.step_rounding, int(round(raw / self.step_rounding)) * self.step_rounding)
 
+    def _pairwise(self, queries: torch.Tensor) -> torch.Tensor:
+        """L1 distances to every bank image: ``[B, N]`` (image mode) or ``[B, N, L]`` (region mode), the bank taken
+        ``chunk`` images at a time (the batch dimension stays symbolic for export)."""
+        parts = [pairwise_l1(queries, self.bank[start : start + self.chunk]) for start in range(0, self.bank.shape[0], self.chunk)]
+        distances = torch.cat(parts, dim=1)
+        return distances.sum(dim=-1) if self.mode == "image" else distances  # image: L1 over the flattened pooled map
+
     def _distances(self, queries: torch.Tensor, exclude_self: bool) -> torch.Tensor:
         """kNN distance per image ``[B]`` or per region ``[B, L]``; ``exclude_self``: queries are the bank, in order."""
+        if not exclude_self:
+            return knn_distances(self._pairwise(queries), self.k)
         parts = []
         for start in range(0, queries.shape[0], self.chunk):
-            block = pairwise_l1(queries[start : start + self.chunk], self.bank)  # [b, N, L]
-            if self.mode == "image":
-                block = block.sum(dim=-1)  # L1 over the flattened pooled map
-            if exclude_self:  # a training image must not be its own nearest neighbour
-                rows = torch.arange(block.shape[0], device=block.device)
-                block[rows, rows + start] = float("inf")
-            parts.append(knn_distances(block, min(self.k, self.bank.shape[0] - 1) if exclude_self else self.k))
+            block = self._pairwise(queries[start : start + self.chunk])
+            rows = torch.arange(block.shape[0], device=block.device)
+            block[rows, rows + start] = float("inf")  # a training image must not be its own nearest neighbour
+            parts.append(knn_distances(block, min(self.k, self.bank.shape[0] - 1)))
         return torch.cat(parts)
 
     def fit(self, features: torch.Tensor) -> None:
