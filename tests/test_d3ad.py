@@ -88,6 +88,21 @@ def test_region_mode_with_one_step_everywhere_is_image_mode() -> None:
     torch.testing.assert_close(composed[..., 32:, :], model.reconstruct(latents, torch.full((2,), 40))[..., 32:, :])
 
 
+@pytest.mark.parametrize("mode", ["image", "region", "fixed"])
+def test_every_step_mode_predicts_and_the_mode_matters(mode: str) -> None:
+    model = tiny_model(step_mode=mode, fixed_step=80)
+    if model.needs_bank:
+        model.dynamic.fit(model.bank_features(images(6, seed=2)))
+    batch = torch.cat([images(1, seed=2), images(1, seed=5)])
+    out = model.predict(batch)
+    assert out.anomaly_map.shape == (2, 1, 64, 64) and torch.isfinite(out.anomaly_map).all()
+    torch.testing.assert_close(out.pred_score, out.anomaly_map.flatten(1).amax(dim=1))  # image score = the map's max
+    other = tiny_model(step_mode=mode, fixed_step=300)
+    other.load_state_dict(model.state_dict())
+    other.dynamic.max_step = 300  # the same bank and bins, larger steps
+    assert not torch.allclose(other.predict(batch).anomaly_map, out.anomaly_map)
+
+
 # --- reconstruction -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_fixed_step_unconditioned_scaled_start_is_plain_ddim() -> None:
