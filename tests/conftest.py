@@ -40,9 +40,26 @@ TINY_DPNR = {
     "parameterizer_width": 16,
 }
 
+# Smallest D3AD: random-init backbone, 4x4 kNN regions, 2 DDIM steps; domain adaptation off (it needs 2 epochs:
+# tests/test_d3ad.py trains it).
+TINY_D3AD = {
+    "image_size": 64,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "attention_levels": [3],
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+    "pre_trained": False,
+    "knn_k": 3,
+    "knn_pool_size": 4,
+    "ddim_steps": 2,
+    "domain_adaptation": False,
+    "statistics_images": 8,
+}
+
 # Every plugin model, once: class name in anomalib_dpnr -> (config folder under configs/, tiny init_args).
 # Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
-MODELS = {"DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
+MODELS = {"D3AD": ("d3ad", TINY_D3AD), "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
 
 # test_proof.py: what each tiny model needs (besides MODELS' init_args) to learn the generated data in 2 short epochs.
 PROOF = {"DiffusionAD": {"learning_rate": 2e-3}, "Dpnr": {"learning_rate": 2e-3}}

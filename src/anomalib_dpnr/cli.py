@@ -29,7 +29,7 @@ __all__ = [
 ]  # fmt: skip
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, in an editable install
-DEMO_MODELS = ["diffusion_ad", "dpnr"]  # whose CPU config the demo runs
+DEMO_MODELS = ["d3ad", "diffusion_ad", "dpnr"]  # whose CPU config the demo runs
 
 # One epoch, no loader workers: what every model gets at toy scale.
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
@@ -40,6 +40,8 @@ QUICK_ARGS = [
 ]  # fmt: skip
 # What each model adds at toy scale (random-init backbones: nothing is loaded).
 QUICK_MODEL_ARGS = {
+    "D3AD": ["--model.pre_trained", "false", "--model.knn_k", "3", "--model.knn_pool_size", "4", "--model.ddim_steps", "2",
+             "--model.domain_adaptation", "false", "--model.statistics_images", "8"],
     "DiffusionAD": ["--model.segmentation_width", "8"],
     "Dpnr": ["--model.pre_trained", "false", "--model.num_prototypes", "4", "--model.repository_patch_size", "16",
              "--model.attention_dim", "16", "--model.parameterizer_width", "16"],
@@ -55,6 +57,17 @@ def quick_args(config: str | Path) -> list[str]:
     class_path = yaml.safe_load(Path(config).read_text())["model"]["class_path"]
     base = QUICK_TRAINER_ARGS if class_path.startswith("anomalib.") else QUICK_ARGS
     return [*base, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], [])]
+
+
+def _model_arguments(config: str | Path) -> set[str]:
+    """The constructor arguments of the model class a config names."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    module, _, name = yaml.safe_load(Path(config).read_text())["model"]["class_path"].rpartition(".")
+    return set(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
 
 
 def find_shared_data() -> Path | None:
@@ -87,7 +100,9 @@ def _demo(args: argparse.Namespace) -> int:
                                       num_test_good=counts[1], num_test_defect=counts[2])
         reason = "--generated given" if args.generated else "no sample data found ($ANOMALIB_DPNR_DATA, ../shared/data)"
         print(f"[demo] {reason}: generated a {size} px MVTec-layout dataset under {root}")
-        cli_args += ["--data.root", str(root), "--data.category", "woven", "--model.use_foreground", "false"]
+        cli_args += ["--data.root", str(root), "--data.category", "woven"]
+        if "use_foreground" in _model_arguments(config):  # the generated textures: synthetic anomalies anywhere
+            cli_args += ["--model.use_foreground", "false"]
     if args.quick:
         cli_args += quick_args(config)
     if args.max_epochs is not None:

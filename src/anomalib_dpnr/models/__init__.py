@@ -1,6 +1,7 @@
 """Models of anomalib-dpnr."""
 
+from .d3ad import D3AD
 from .diffusion_ad import DiffusionAD
 from .dpnr import Dpnr
 
-__all__ = ["DiffusionAD", "Dpnr"]
+__all__ = ["D3AD", "DiffusionAD", "Dpnr"]

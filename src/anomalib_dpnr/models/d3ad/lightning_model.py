@@ -1,0 +1,286 @@
+"""D3AD as an anomalib model, with DDAD as a configuration of it.
+
+Papers: Tebbe & Tayyub, "Dynamic Addition of Noise in a Diffusion Model for Anomaly Detection" (CVPR
+workshops 2024; summary ``../shared/papers/004_f48d1efee7acc5ee.txt``) and Mousakhan et al., "Anomaly
+Detection with Conditioned Denoising Diffusion Models" (DDAD). Equations, components and our choices where
+the papers are silent: ``models/d3ad/README.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from anomalib_dpnr.components import DiffusionAnomalyModule, check_images
+
+from .loss import DenoisingLoss, DomainAdaptationLoss
+from .torch_model import D3ADModel
+
+__all__ = ["D3AD"]
+
+
+class D3AD(DiffusionAnomalyModule):
+    """D3AD: kNN-guided dynamic noise step, scaled conditioned DDIM reconstruction, domain-adapted features.
+
+    One ``anomalib train`` runs three phases: ``setup("fit")`` builds the kNN feature bank and its histogram
+    from the training images; the first ``max_epochs - domain_adaptation_epochs`` epochs train the denoiser,
+    the last ``domain_adaptation_epochs`` fine-tune the backbone copy (denoiser frozen); when validation
+    starts during fit, the map-normalisation statistics are fitted on the training images with the current
+    networks. Validate at the last epoch (the configs do) so the saved checkpoint holds all three.
+
+    Args:
+        image_size: Side (or ``(H, W)``) images are resized to (reference: 256).
+        vae_path: Local/offline-cached diffusers ``AutoencoderKL`` (reference: Stable Diffusion's VAE,
+            256 px -> 32x32x4); ``None`` = pixel space (DDAD).
+        latent_scale: Latent scaling; default: the VAE's scaling factor (1 in pixel space).
+        num_timesteps: Diffusion steps ``T`` (reference: 1000).
+        beta_schedule: diffusers schedule name (reference: linear).
+        beta_start: First beta (reference: 0.0015).
+        beta_end: Last beta (reference: 0.0195).
+        block_out_channels: Denoiser width per level (reference: base 192, multipliers 1, 2, 2, 4, 4).
+        layers_per_block: ResNet blocks per level.
+        attention_levels: Denoiser levels with self-attention.
+        attention_head_dim: Channels per attention head.
+        norm_num_groups: GroupNorm groups of the denoiser.
+        backbone: timm backbone for the kNN estimate and the feature distance.
+        knn_layer: Backbone layer of the kNN estimate (reference: ResNet34 ``layer2``).
+        layers: Backbone layers of the feature distance (reference: ``layer2``, ``layer3``).
+        pre_trained: ImageNet weights from the offline HF cache.
+        backbone_weights: Local state-dict file instead (e.g. ResNet34 / WideResNet weights).
+        knn_k: Neighbours of the kNN distance (reference: 20).
+        knn_pool_size: The kNN layer is average-pooled to this many regions per side (reference: 16).
+        knn_bins: Histogram bins over training kNN distances (reference: 10).
+        min_bin: Smallest bin used for the step (reference: 2).
+        max_step: Step of the last bin (reference: 80).
+        step_rounding: Steps are rounded to multiples of this (reference: 10).
+        step_mode: ``image`` (dynamic step per image), ``region`` (per kNN region) or ``fixed`` (DDAD).
+        fixed_step: Start step in ``fixed`` mode (DDAD: 250).
+        ddim_steps: DDIM steps from the start step down to 0 (reference: 10).
+        add_noise: Add Gaussian noise to the start state (DDAD) instead of only scaling it (D3AD).
+        condition_weight: Implicit-conditioning weight ``w`` (reference D3AD: 4; DDAD: 2-3).
+        domain_adaptation: Fine-tune a copy of the backbone for the feature distance.
+        domain_adaptation_epochs: Last epochs of ``max_epochs`` spent on it (reference: 1).
+        adaptation_steps: Range of start steps of the reconstructions it trains on (reference: 8..80).
+        adaptation_learning_rate: AdamW learning rate of the copy (reference: 1e-4).
+        frozen_weight: DDAD's weight of the terms keeping the copy near the frozen backbone (DDAD: 0.1; D3AD: 0).
+        pixel_weight: Weight of the normalised latent/pixel distance (reference: 0.85).
+        feature_weight: Weight of the normalised feature distance (reference: 0.15).
+        feature_pooling: Mean-filter size on backbone features before the cosine distance (DDAD: 3).
+        normalise_maps: Min-max normalise each map term with training-image statistics.
+        statistics_images: Training images (at most) the normalisation statistics are computed on.
+        smoothing_sigma: Gaussian sigma on the anomaly map (reference: 4).
+        inference_seed: Seed of the fixed inference noise (``add_noise`` only).
+        learning_rate: AdamW learning rate of the denoiser (reference: 1e-4).
+        weight_decay: AdamW weight decay (torch's default, as the reference's AdamW).
+        seed: ``lightning.seed_everything(seed)`` before the networks are built (``None``: unseeded).
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 256,
+        vae_path: str | None = None,
+        latent_scale: float | None = None,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 0.0015,
+        beta_end: float = 0.0195,
+        block_out_channels: Sequence[int] = (192, 384, 384, 768, 768),
+        layers_per_block: int = 2,
+        attention_levels: Sequence[int] = (2, 3, 4),
+        attention_head_dim: int = 64,
+        norm_num_groups: int = 32,
+        backbone: str = "efficientnet_lite0",
+        knn_layer: str = "blocks.2",
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
+        pre_trained: bool = True,
+        backbone_weights: str | None = None,
+        knn_k: int = 20,
+        knn_pool_size: int = 16,
+        knn_bins: int = 10,
+        min_bin: int = 2,
+        max_step: int = 80,
+        step_rounding: int = 10,
+        step_mode: str = "image",
+        fixed_step: int = 250,
+        ddim_steps: int = 10,
+        add_noise: bool = False,
+        condition_weight: float = 4.0,
+        domain_adaptation: bool = True,
+        domain_adaptation_epochs: int = 1,
+        adaptation_steps: tuple[int, int] = (8, 80),
+        adaptation_learning_rate: float = 1e-4,
+        frozen_weight: float = 0.0,
+        pixel_weight: float = 0.85,
+        feature_weight: float = 0.15,
+        feature_pooling: int = 1,
+        normalise_maps: bool = True,
+        statistics_images: int = 256,
+        smoothing_sigma: float = 4.0,
+        inference_seed: int = 0,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        seed: int | None = None,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            seed=seed,
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if domain_adaptation and domain_adaptation_epochs < 1:
+            msg = f"domain_adaptation needs domain_adaptation_epochs >= 1, got {domain_adaptation_epochs} (or set domain_adaptation: false)"
+            raise ValueError(msg)
+        if statistics_images < 1:
+            msg = f"statistics_images must be >= 1, got {statistics_images}"
+            raise ValueError(msg)
+        self.model = D3ADModel(
+            vae_path=vae_path,
+            latent_scale=latent_scale,
+            num_timesteps=num_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            attention_levels=attention_levels,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            backbone=backbone,
+            knn_layer=knn_layer,
+            layers=layers,
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            knn_k=knn_k,
+            knn_pool_size=knn_pool_size,
+            knn_bins=knn_bins,
+            min_bin=min_bin,
+            max_step=max_step,
+            step_rounding=step_rounding,
+            step_mode=step_mode,
+            fixed_step=fixed_step,
+            ddim_steps=ddim_steps,
+            add_noise=add_noise,
+            condition_weight=condition_weight,
+            domain_adaptation=domain_adaptation,
+            adaptation_steps=tuple(adaptation_steps),
+            pixel_weight=pixel_weight,
+            feature_weight=feature_weight,
+            feature_pooling=feature_pooling,
+            normalise_maps=normalise_maps,
+            smoothing_sigma=smoothing_sigma,
+            inference_seed=inference_seed,
+        )
+        self.loss = DenoisingLoss()
+        self.adaptation_loss = DomainAdaptationLoss(frozen_weight)
+        self.domain_adaptation_epochs = domain_adaptation_epochs if domain_adaptation else 0
+        self.adaptation_learning_rate = adaptation_learning_rate
+        self.statistics_images = statistics_images
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self._statistics_step: int | None = None
+
+    # --- fitted state ---------------------------------------------------------------------------------------
+    def training_images(self, dataset: Dataset, limit: int | None = None, batch_size: int = 16) -> Iterator[torch.Tensor]:
+        """Pre-processed ``[-1, 1]`` images of (the first ``limit`` of) ``dataset``, in order, on the model's device."""
+        if len(dataset) == 0:
+            msg = "D3AD: cannot fit from an empty training set"
+            raise ValueError(msg)
+        indices = list(range(min(len(dataset), limit or len(dataset))))
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
+        for batch in loader:
+            images = batch.image.to(self.device)
+            images = self.pre_processor.transform(images) if self.pre_processor else images
+            check_images(images, 3, self.model.size_multiple, "D3AD (fitting from the training images)")
+            yield images
+
+    def _train_data(self, what: str) -> Dataset:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "train_data", None) is None:
+            msg = f"D3AD fits {what} from the datamodule's train_data; fit with a datamodule"
+            raise RuntimeError(msg)
+        return datamodule.train_data
+
+    @torch.no_grad()
+    def build_bank(self, dataset: Dataset) -> None:
+        """kNN feature bank, leave-one-out training distances and histogram bins from all training images."""
+        self.model.dynamic.fit(torch.cat([self.model.bank_features(images) for images in self.training_images(dataset)]))
+
+    @torch.no_grad()
+    def fit_statistics(self, dataset: Dataset) -> None:
+        """Per-term minimum and maximum of the raw map terms over (up to ``statistics_images``) training images."""
+        low = torch.full((2,), float("inf"), device=self.device)
+        high = torch.full((2,), float("-inf"), device=self.device)
+        for images in self.training_images(dataset, self.statistics_images):
+            terms = torch.stack([t.float().flatten(1) for t in self.model.term_maps(images)[:2]])  # [2, B, HW]
+            low, high = torch.minimum(low, terms.amin(dim=(1, 2))), torch.maximum(high, terms.amax(dim=(1, 2)))
+        self.model.normaliser.fit(low, high)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check the epochs leave room for the denoiser; build the kNN bank from the training set."""
+        super().setup(stage)
+        if stage != "fit":
+            return
+        max_epochs = self.trainer.max_epochs
+        if self.domain_adaptation_epochs and (max_epochs is None or max_epochs < 0):
+            rank_zero_warn("D3AD: training is bounded by steps, not epochs, so the domain adaptation phase never starts")
+        elif self.domain_adaptation_epochs and max_epochs <= self.domain_adaptation_epochs:
+            msg = (
+                f"D3AD: max_epochs={max_epochs} leaves no epoch for the denoiser before the last "
+                f"domain_adaptation_epochs={self.domain_adaptation_epochs}; raise max_epochs or set domain_adaptation: false"
+            )
+            raise ValueError(msg)
+        if self.model.needs_bank:
+            self.build_bank(self._train_data("the kNN feature bank"))
+
+    def on_validation_start(self) -> None:
+        """During fit: map-normalisation statistics of the training images under the current networks."""
+        super().on_validation_start()
+        trainer = self.trainer
+        if not self.model.normalise_maps or trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        if self._statistics_step != self.global_step:
+            self.fit_statistics(self._train_data("the map-normalisation statistics"))
+            self._statistics_step = self.global_step
+
+    # --- training -------------------------------------------------------------------------------------------
+    @property
+    def adapting(self) -> bool:
+        """Whether this epoch fine-tunes the backbone copy (the last ``domain_adaptation_epochs`` of ``max_epochs``)."""
+        if not self.domain_adaptation_epochs or self._trainer is None:
+            return False
+        max_epochs = self.trainer.max_epochs
+        return max_epochs is not None and max_epochs >= 0 and self.trainer.current_epoch >= max_epochs - self.domain_adaptation_epochs
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Denoiser epochs: DDPM loss. Adaptation epochs: feature consistency of the backbone copy."""
+        del args, kwargs
+        if self.adapting:
+            losses = self.adaptation_loss(*self.model.adaptation_features(batch.image))
+            losses = {f"adaptation_{k}" if k != "loss" else k: v for k, v in losses.items()}
+        else:
+            output = self.model(batch.image)
+            losses = self.loss(output.noise, output.predicted)
+        return self.log_losses(losses, batch.image.shape[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with the denoiser and the backbone copy as parameter groups; each phase's loss reaches only its
+        own group (AdamW skips parameters without gradient). Backbone, VAE and bank stay frozen."""
+        groups = [{"params": list(self.model.denoiser.parameters()), "lr": self.learning_rate}]
+        if self.model.adapted is not None:
+            groups.append({"params": list(self.model.adapted.parameters()), "lr": self.adaptation_learning_rate})
+        return torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)
