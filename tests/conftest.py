@@ -62,7 +62,7 @@ TINY_D3AD = {
 MODELS = {"D3AD": ("d3ad", TINY_D3AD), "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
 
 # test_proof.py: what each tiny model needs (besides MODELS' init_args) to learn the generated data in 2 short epochs.
-PROOF = {"DiffusionAD": {"learning_rate": 2e-3}, "Dpnr": {"learning_rate": 2e-3}}
+PROOF = {"D3AD": {"learning_rate": 2e-3}, "DiffusionAD": {"learning_rate": 2e-3}, "Dpnr": {"learning_rate": 2e-3}}
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,7 @@ def proof_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("proof"), image_size=64, num_train=16, num_test_good=16, num_test_defect=16)
 
 
-# Known defect, kept visible: the tiny DiffusionAD does not learn the generated data in a short run (its noise loss
-# stays at the predict-zero level and every image gets the same score; DiffusionAD README, Limits). strict: the
-# suite fails as soon as it passes, so the mark is removed with the fix.
-KNOWN_FAILURES = {"DiffusionAD": "tiny DiffusionAD does not learn in a short run (issue 14)"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[n])) if n in KNOWN_FAILURES else n for n in MODELS]
-)
+@pytest.mark.parametrize("name", list(MODELS))
 def test_short_training_ranks_defects_above_normal_images(name: str, proof_dataset: Path, tmp_path: Path) -> None:
     module = build(name, seed=0, **PROOF[name])
     data = MVTecAD(root=proof_dataset, category="woven", train_batch_size=4, eval_batch_size=8, num_workers=0, val_split_mode="from_test", seed=0)
