@@ -20,9 +20,9 @@ from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from conftest import MODELS
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import nn
 from test_export import unit_normalisation
 from test_reliability import build, datamodule, sample_images
+from torch import nn
 
 from anomalib_dpnr.components.base import DiffusionAnomalyModule
 

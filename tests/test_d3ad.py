@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from anomalib.engine import Engine
 from conftest import REPO, TINY_D3AD
 from diffusers import DDIMScheduler
-from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer
 from test_reliability import datamodule, engine, sample_images
 

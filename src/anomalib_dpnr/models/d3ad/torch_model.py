@@ -19,7 +19,14 @@ from anomalib.data import InferenceBatch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_dpnr.components import AnomalyScorer, NoiseSchedule, build_unet, check_images, gaussian_noise, unet_downsampling_factor
+from anomalib_dpnr.components import (
+    AnomalyScorer,
+    NoiseSchedule,
+    build_unet,
+    check_images,
+    gaussian_noise,
+    unet_downsampling_factor,
+)
 from anomalib_dpnr.components.features import FeatureEmbedder
 from anomalib_dpnr.components.latent import LatentCodec
 

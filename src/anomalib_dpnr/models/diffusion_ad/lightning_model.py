@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
 import torch
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
