@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from anomalib_dpnr.compare import DATASETS
 
@@ -41,7 +41,7 @@ def metrics(scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, mask
     }
 
 
-def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
     """``[L, N, 1, H, W]`` KL and feature maps, labels ``[N]`` and masks ``[N, 1, H, W]`` of the loader's images."""
     kls, features, labels, masks = [], [], [], []
     with torch.no_grad():
@@ -53,7 +53,7 @@ def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
     return torch.cat(kls, dim=1), torch.cat(features, dim=1), torch.cat(labels), torch.cat(masks)
 
 
-def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool) -> tuple:  # noqa: ANN001
+def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool) -> tuple:
     """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics."""
     from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, ensemble
 

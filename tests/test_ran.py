@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_RAN
 from anomalib.engine import Engine
+from conftest import REPO, TINY_RAN
 from test_reliability import datamodule, sample_images
 
 from anomalib_dpnr import Ran

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 __all__ = ["FeatureHead", "feature_error"]
 

@@ -17,9 +17,16 @@ from pathlib import Path
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
-from anomalib_dpnr.components import AnomalyScorer, NoiseSchedule, build_unet, check_images, gaussian_noise, unet_downsampling_factor
+from anomalib_dpnr.components import (
+    AnomalyScorer,
+    NoiseSchedule,
+    build_unet,
+    check_images,
+    gaussian_noise,
+    unet_downsampling_factor,
+)
 from anomalib_dpnr.components.features import FeatureEmbedder
 
 from .ensemble import LevelNormaliser, ensemble
