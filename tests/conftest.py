@@ -57,12 +57,37 @@ TINY_D3AD = {
     "statistics_images": 8,
 }
 
+# Smallest RAN: random-init backbone, 16 random channels for the guidance Gaussian, 4 gradient-denoising iterations
+# (when switched on).
+TINY_RAN = {
+    "image_size": 64,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "attention_levels": [3],
+    "attention_head_dim": 16,
+    "norm_num_groups": 8,
+    "pre_trained": False,
+    "statistics_images": 8,
+    "guidance_features": 16,
+    "guidance_iterations": 4,
+}
+
 # Every plugin model, once: class name in anomalib_dpnr -> (config folder under configs/, tiny init_args).
 # Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
-MODELS = {"D3AD": ("d3ad", TINY_D3AD), "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD), "Dpnr": ("dpnr", TINY_DPNR)}
+MODELS = {
+    "D3AD": ("d3ad", TINY_D3AD),
+    "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD),
+    "Dpnr": ("dpnr", TINY_DPNR),
+    "Ran": ("ran", TINY_RAN),
+}
 
 # test_proof.py: what each tiny model needs (besides MODELS' init_args) to learn the generated data in 2 short epochs.
-PROOF = {"D3AD": {"learning_rate": 2e-3}, "DiffusionAD": {"learning_rate": 2e-3}, "Dpnr": {"learning_rate": 2e-3}}
+PROOF = {
+    "D3AD": {"learning_rate": 2e-3},
+    "DiffusionAD": {"learning_rate": 2e-3},
+    "Dpnr": {"learning_rate": 2e-3},
+    "Ran": {"learning_rate": 2e-3},
+}
 
 
 @pytest.fixture(scope="session")

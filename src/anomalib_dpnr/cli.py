@@ -29,7 +29,7 @@ __all__ = [
 ]  # fmt: skip
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, in an editable install
-DEMO_MODELS = ["d3ad", "diffusion_ad", "dpnr"]  # whose CPU config the demo runs
+DEMO_MODELS = ["d3ad", "diffusion_ad", "dpnr", "ran"]  # whose CPU config the demo runs
 
 # One epoch, no loader workers: what every model gets at toy scale.
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
@@ -45,6 +45,8 @@ QUICK_MODEL_ARGS = {
     "DiffusionAD": ["--model.segmentation_width", "8"],
     "Dpnr": ["--model.pre_trained", "false", "--model.num_prototypes", "4", "--model.repository_patch_size", "16",
              "--model.attention_dim", "16", "--model.parameterizer_width", "16"],
+    "Ran": ["--model.pre_trained", "false", "--model.statistics_images", "8", "--model.guidance_features", "16",
+            "--model.guidance_iterations", "4"],
     "Padim": ["--model.pre_trained", "false"],
     "Patchcore": ["--model.pre_trained", "false", "--model.coreset_sampling_ratio", "0.1"],
 }  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning_utilities.core.imports import module_available
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
 from .distributed import sync_fitted_state
 from .processing import diffusion_evaluator, diffusion_pre_processor
-from .validation import as_rgb, check_image_size
+from .validation import as_rgb, check_image_size, check_images
 
 __all__ = ["DiffusionAnomalyModule"]
 
@@ -140,6 +142,29 @@ class DiffusionAnomalyModule(AnomalibModule):
         """Predict maps and scores so anomalib can fit thresholds and normalisation."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
+
+    def training_images(self, dataset: Dataset, limit: int | None = None, batch_size: int = 16) -> Iterator[torch.Tensor]:
+        """Pre-processed ``[-1, 1]`` images of (the first ``limit`` of) ``dataset``, in order, on the model's device
+        (for state fitted from the training images)."""
+        name = type(self).__name__
+        if len(dataset) == 0:
+            msg = f"{name}: cannot fit from an empty training set"
+            raise ValueError(msg)
+        indices = list(range(min(len(dataset), limit or len(dataset))))
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
+        for batch in loader:
+            images = batch.image.to(self.device)
+            images = self.pre_processor.transform(images) if self.pre_processor else images
+            check_images(images, 3, getattr(self.model, "size_multiple", 1), f"{name} (fitting from the training images)")
+            yield images
+
+    def fitting_data(self, what: str) -> Dataset:
+        """The fitting datamodule's ``train_data``, or a clear error naming ``what`` needs it."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "train_data", None) is None:
+            msg = f"{type(self).__name__} fits {what} from the datamodule's train_data; fit with a datamodule"
+            raise RuntimeError(msg)
+        return datamodule.train_data
 
     def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
         """Log every loss term as ``train_<name>`` and return the total ``loss``."""

@@ -2,11 +2,15 @@
 
 Forward noising (DDPM Eq. 2, ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``) and the one-step
 x0 estimate (DiffusionAD Eq. 5) are what every model in this package needs; diffusers owns the
-schedule math (linear, cosine, ...), this module only keeps ``alphas_cumprod`` as a buffer so it
-follows the model to its device and lands in checkpoints.
+schedule math (linear, cosine, ...), this module only keeps ``alphas_cumprod`` (and what the
+posterior ``q(x_{t-1} | x_t, x_0)`` needs) as buffers so they follow the model to its device.
+Models with a learned variance also get improved DDPM's variance interpolation and a respaced copy
+of the schedule (a subset of the steps, as improved DDPM samples with).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from diffusers import DDPMScheduler
@@ -48,6 +52,7 @@ class NoiseSchedule(nn.Module):
             ``squaredcos_cap_v2`` = cosine, ``sigmoid``).
         beta_start: First beta of a linear schedule.
         beta_end: Last beta of a linear schedule.
+        trained_betas: Explicit betas (one per step) instead of a named schedule (see :meth:`respace`).
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class NoiseSchedule(nn.Module):
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
+        trained_betas: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if num_timesteps < 1:
@@ -66,9 +72,23 @@ class NoiseSchedule(nn.Module):
             beta_schedule=beta_schedule,
             beta_start=beta_start,
             beta_end=beta_end,
+            trained_betas=None if trained_betas is None else [float(b) for b in trained_betas],
         )
         self.num_timesteps = num_timesteps
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        # posterior q(x_{t-1} | x_t, x_0) (DDPM Eqs. 6-7), in float64 then stored as float32
+        abar = self.scheduler.alphas_cumprod.double()
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        betas = 1 - abar / abar_prev
+        variance = betas * (1 - abar_prev) / (1 - abar)
+        clipped = torch.cat([variance[1:2], variance[1:]]) if num_timesteps > 1 else betas  # log(0) at t = 0
+        for name, value in {
+            "betas": betas,
+            "posterior_log_variance": clipped.log(),
+            "posterior_coef_x0": abar_prev.sqrt() * betas / (1 - abar),
+            "posterior_coef_xt": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+        }.items():
+            self.register_buffer(name, value.float(), persistent=False)
 
     def check_timesteps(self, timesteps: torch.Tensor | list[int] | tuple[int, ...]) -> None:
         """Raise a clear error for steps outside ``[0, T)``."""
@@ -90,6 +110,33 @@ class NoiseSchedule(nn.Module):
         """One-step estimate ``x0 = (x_t - sqrt(1 - abar_t) noise) / sqrt(abar_t)`` (DiffusionAD Eq. 5)."""
         abar = _expand(self.alphas_cumprod[timesteps], x_t)
         return (x_t - (1 - abar).sqrt() * noise) / abar.sqrt()
+
+    def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log variance (clipped at ``t = 0``, as improved DDPM) of ``q(x_{t-1} | x_t, x_0)`` (DDPM Eqs. 6-7)."""
+        mean = _expand(self.posterior_coef_x0[timesteps], x0) * x0 + _expand(self.posterior_coef_xt[timesteps], x_t) * x_t
+        return mean, _expand(self.posterior_log_variance[timesteps], x_t).expand_as(x_t)
+
+    def learned_log_variance(self, values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Improved DDPM Eq. 15: ``log Sigma = v log beta_t + (1 - v) log beta~_t`` with ``v = (values + 1) / 2``
+        (``values`` are the network's variance outputs, nominally in ``[-1, 1]``)."""
+        fraction = (values + 1) / 2
+        low, high = _expand(self.posterior_log_variance[timesteps], values), _expand(self.betas[timesteps].log(), values)
+        return fraction * high + (1 - fraction) * low
+
+    def respace(self, count: int) -> tuple[NoiseSchedule, torch.Tensor]:
+        """A ``count``-step schedule over evenly spaced steps of this one, and those steps (improved DDPM Sec. 4).
+
+        Steps ``round(i (T - 1) / (count - 1))``, ``i = 0..count-1``; the new betas ``1 - abar_k / abar_{k-1}`` keep
+        every kept step's ``abar``. A network trained on this schedule is called with the original step numbers.
+        """
+        if not 1 <= count <= self.num_timesteps:
+            msg = f"respacing must lie in [1, {self.num_timesteps}], got {count}"
+            raise ValueError(msg)
+        stride = (self.num_timesteps - 1) / max(count - 1, 1)
+        steps = torch.tensor(sorted({round(i * stride) for i in range(count)}), dtype=torch.long)
+        abar = self.scheduler.alphas_cumprod.double()[steps]
+        betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+        return NoiseSchedule(len(steps), trained_betas=betas.tolist()), steps
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` per step."""

@@ -61,6 +61,12 @@ class FeatureEmbedder(nn.Module):
         if weights_path is not None:
             load_backbone_file(self.extractor.feature_extractor, weights_path)
         self.extractor.requires_grad_(False)
+        # timm returns the layers shallow to deep whatever order they were named in (TimmFeatureExtractor keys them,
+        # and lists out_dims/reductions, in the order named): relabel by depth
+        depth = dict(zip(layers, self.extractor.idx, strict=True))
+        self._order = sorted(layers, key=depth.__getitem__)
+        self.channels = dict(zip(layers, self.extractor.out_dims, strict=True))
+        self.strides = dict(zip(layers, self.extractor.reductions, strict=True))
         self.layers = layers
         self.layer_weights = weights
         self.dim = int(sum(self.extractor.out_dims))
@@ -69,10 +75,20 @@ class FeatureEmbedder(nn.Module):
         self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def layer_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer feature maps of ``[-1, 1]`` images (no gradient: the backbone is frozen)."""
-        features = self.extractor(((images + 1) / 2 - self.mean) / self.std)
-        return [features[layer] for layer in self.layers]
+    def layer_maps(self, images: torch.Tensor, differentiable: bool = False) -> list[torch.Tensor]:
+        """Per-layer feature maps of ``[-1, 1]`` images. The backbone is frozen; ``differentiable`` keeps the graph
+        from the images to the features (for gradients with respect to the image)."""
+        inputs = ((images + 1) / 2 - self.mean) / self.std
+        requires_grad = self.extractor.requires_grad
+        if differentiable:
+            self.extractor.feature_extractor.eval()
+            self.extractor.requires_grad = True  # TimmFeatureExtractor runs under no_grad otherwise
+        try:
+            features = self.extractor(inputs)
+        finally:
+            self.extractor.requires_grad = requires_grad
+        by_name = dict(zip(self._order, features.values(), strict=True))  # keyed in the order named: relabel
+        return [by_name[layer] for layer in self.layers]
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         """Side of the fused map of ``size`` images: ``(H / r, W / r)``, ``r`` = the finest layer's stride."""

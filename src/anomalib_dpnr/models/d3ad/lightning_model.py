@@ -8,7 +8,7 @@ the papers are silent: ``models/d3ad/README.md``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from anomalib.data import Batch
@@ -18,9 +18,9 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from anomalib_dpnr.components import DiffusionAnomalyModule, check_images
+from anomalib_dpnr.components import DiffusionAnomalyModule
 
 from .loss import DenoisingLoss, DomainAdaptationLoss
 from .torch_model import D3ADModel
@@ -195,26 +195,6 @@ class D3AD(DiffusionAnomalyModule):
         self._statistics_step: int | None = None
 
     # --- fitted state ---------------------------------------------------------------------------------------
-    def training_images(self, dataset: Dataset, limit: int | None = None, batch_size: int = 16) -> Iterator[torch.Tensor]:
-        """Pre-processed ``[-1, 1]`` images of (the first ``limit`` of) ``dataset``, in order, on the model's device."""
-        if len(dataset) == 0:
-            msg = "D3AD: cannot fit from an empty training set"
-            raise ValueError(msg)
-        indices = list(range(min(len(dataset), limit or len(dataset))))
-        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None))
-        for batch in loader:
-            images = batch.image.to(self.device)
-            images = self.pre_processor.transform(images) if self.pre_processor else images
-            check_images(images, 3, self.model.size_multiple, "D3AD (fitting from the training images)")
-            yield images
-
-    def _train_data(self, what: str) -> Dataset:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if getattr(datamodule, "train_data", None) is None:
-            msg = f"D3AD fits {what} from the datamodule's train_data; fit with a datamodule"
-            raise RuntimeError(msg)
-        return datamodule.train_data
-
     @torch.no_grad()
     def build_bank(self, dataset: Dataset) -> None:
         """kNN feature bank, leave-one-out training distances and histogram bins from all training images."""
@@ -245,7 +225,7 @@ class D3AD(DiffusionAnomalyModule):
             )
             raise ValueError(msg)
         if self.model.needs_bank:
-            self.build_bank(self._train_data("the kNN feature bank"))
+            self.build_bank(self.fitting_data("the kNN feature bank"))
 
     def on_validation_start(self) -> None:
         """During fit: map-normalisation statistics of the training images under the current networks."""
@@ -254,7 +234,7 @@ class D3AD(DiffusionAnomalyModule):
         if not self.model.normalise_maps or trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         if self._statistics_step != self.global_step:
-            self.fit_statistics(self._train_data("the map-normalisation statistics"))
+            self.fit_statistics(self.fitting_data("the map-normalisation statistics"))
             self._statistics_step = self.global_step
 
     # --- training -------------------------------------------------------------------------------------------

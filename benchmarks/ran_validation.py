@@ -1,0 +1,119 @@
+"""RAN's inference choices and ablations on the validation half of one sample dataset, from a trained checkpoint.
+
+The raw KL and feature maps of every validation image are computed once (``RanModel.level_maps``); each variant
+then combines them: single levels vs the ensemble of all levels, pixel (KL) only (``alpha`` 1) vs feature only
+(``alpha`` 0) vs both, feature maps standardised or not. ``--guided`` adds the ensemble with gradient denoising on
+(Algorithm 1; 100 iterations per image by default, slow on a CPU). Only the validation half of the ``from_test`` split
+(seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is.
+
+    nice python benchmarks/ran_validation.py --ckpt results/Ran/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
+        --csv benchmarks/results/ran_validation_bottle.csv [--guided]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from anomalib_dpnr.compare import DATASETS
+
+COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
+           "pixel_AUPRO", "seconds"]  # fmt: skip
+
+
+def metrics(scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and AUPRO of ``[N]`` scores and ``[N, 1, H, W]`` maps against labels and masks."""
+    from anomalib.metrics.aupro import _AUPRO
+    from sklearn.metrics import roc_auc_score
+
+    pro = _AUPRO()
+    pro.update(maps[:, 0], masks[:, 0].int())
+    return {
+        "image_AUROC": round(float(roc_auc_score(labels.numpy(), scores.numpy())), 4),
+        "pixel_AUROC": round(float(roc_auc_score(masks.numpy().ravel(), maps.numpy().ravel())), 4),
+        "pixel_AUPRO": round(float(pro.compute()), 4),
+    }
+
+
+def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
+    """``[L, N, 1, H, W]`` KL and feature maps, labels ``[N]`` and masks ``[N, 1, H, W]`` of the loader's images."""
+    kls, features, labels, masks = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            images = module.pre_processor.transform(batch.image)
+            kl, feature = module.model.level_maps(images)
+            kls.append(kl), features.append(feature), labels.append(batch.gt_label)
+            masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
+    return torch.cat(kls, dim=1), torch.cat(features, dim=1), torch.cat(labels), torch.cat(masks)
+
+
+def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool) -> tuple:
+    """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics."""
+    from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, ensemble
+
+    stored = module.model.normaliser
+    normaliser = LevelNormaliser(len(levels))
+    normaliser.fit(stored.mean[:, levels], stored.std[:, levels])
+    maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise))
+    return scores, maps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--dataset", default="bottle", choices=list(DATASETS))
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--csv", type=Path, required=True)
+    parser.add_argument("--guided", action="store_true", help="also score with gradient denoising on (slow)")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from anomalib.data import MVTecAD
+
+    from anomalib_dpnr import Ran
+
+    module = Ran.load_from_checkpoint(args.ckpt).eval()
+    root, category, _ = DATASETS[args.dataset]
+    data = MVTecAD(root=args.data_root / root, category=category, eval_batch_size=16, num_workers=0,
+                   val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
+    data.setup()
+    start = time.perf_counter()
+    kl, feature, labels, masks = raw_maps(module, data.val_dataloader())
+    seconds = round(time.perf_counter() - start, 1)
+    count = kl.shape[0]
+    steps = module.model.inference_timesteps
+    variants = [("ensemble", list(range(count)), module.model.alpha, module.model.normalise_features)]
+    variants += [(f"level t={steps[i]}", [i], module.model.alpha, module.model.normalise_features) for i in range(count)]
+    variants += [("KL only", list(range(count)), 1.0, False), ("feature only", list(range(count)), 0.0, False)]
+    variants += [("both, features standardised", list(range(count)), 0.5, True)]
+    rows = []
+    for name, levels, alpha, normalise in variants:
+        scores, maps = combine(module, kl, feature, levels, alpha, normalise)
+        rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(str(steps[i]) for i in levels), "alpha": alpha,
+                     "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
+                     "seconds": seconds})  # fmt: skip
+        print(rows[-1], flush=True)
+    if args.guided:
+        module.model.gradient_denoising = True
+        start = time.perf_counter()
+        kl, feature, labels, masks = raw_maps(module, data.val_dataloader())
+        scores, maps = combine(module, kl, feature, list(range(count)), module.model.alpha, module.model.normalise_features)
+        rows.append({"dataset": args.dataset, "variant": "ensemble, gradient denoising", "levels": " ".join(map(str, steps)),
+                     "alpha": module.model.alpha, "normalise_features": module.model.normalise_features, "gradient_denoising": True,
+                     **metrics(scores, labels, maps, masks), "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+        print(rows[-1], flush=True)
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with args.csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
