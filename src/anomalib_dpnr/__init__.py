@@ -1,7 +1,7 @@
 """anomalib-dpnr: diffusion-based anomaly detection models for anomalib 2.x."""
 
 from .data import MVTec
-from .models import D3AD, DiffusionAD, Dpnr
+from .models import D3AD, DiAD, DiffusionAD, Dpnr
 
-__all__ = ["D3AD", "DiffusionAD", "Dpnr", "MVTec"]
+__all__ = ["D3AD", "DiAD", "DiffusionAD", "Dpnr", "MVTec"]
 __version__ = "0.1.0"
