@@ -46,7 +46,8 @@ class DiAD(DiffusionAnomalyModule):
         block_out_channels: Denoiser width per level (SD 1.5: 320, 640, 1280, 1280).
         layers_per_block: ResNet blocks per level (SD: 2; the SFF block fuses the per-level outputs).
         attention_levels: Levels with cross-attention blocks (SD 1.5: 0, 1, 2).
-        attention_heads: Attention heads (SD 1.5: 8).
+        attention_head_dim: diffusers' ``attention_head_dim``, which ``UNet2DConditionModel`` uses as the number of
+            attention heads (SD 1.5: 8).
         cross_attention_dim: Width of the conditioning embedding (SD 1.5: 768).
         context_tokens: Tokens of the fixed embedding of a denoiser trained from scratch (SD: 77).
         norm_num_groups: GroupNorm groups of the denoiser (SD: 32).
@@ -89,7 +90,7 @@ class DiAD(DiffusionAnomalyModule):
         block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         attention_levels: Sequence[int] = (0, 1, 2),
-        attention_heads: int = 8,
+        attention_head_dim: int = 8,
         cross_attention_dim: int = 768,
         context_tokens: int = 77,
         norm_num_groups: int = 32,
@@ -138,7 +139,7 @@ class DiAD(DiffusionAnomalyModule):
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
             attention_levels=attention_levels,
-            attention_heads=attention_heads,
+            attention_head_dim=attention_head_dim,
             cross_attention_dim=cross_attention_dim,
             context_tokens=context_tokens,
             norm_num_groups=norm_num_groups,

@@ -48,7 +48,7 @@ def build_denoiser(
     block_out_channels: Sequence[int],
     layers_per_block: int,
     attention_levels: Sequence[int],
-    attention_heads: int,
+    attention_head_dim: int,
     cross_attention_dim: int,
     norm_num_groups: int,
 ) -> UNet2DConditionModel:
@@ -69,7 +69,7 @@ def build_denoiser(
     up = tuple("CrossAttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(widths))))
     return UNet2DConditionModel(
         in_channels=channels, out_channels=channels, block_out_channels=widths, layers_per_block=layers_per_block,
-        down_block_types=down, up_block_types=up, attention_head_dim=attention_heads,
+        down_block_types=down, up_block_types=up, attention_head_dim=attention_head_dim,
         cross_attention_dim=cross_attention_dim, norm_num_groups=norm_num_groups,
     )  # fmt: skip
 
@@ -122,7 +122,7 @@ class DiADModel(nn.Module):
         block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         attention_levels: Sequence[int] = (0, 1, 2),
-        attention_heads: int = 8,
+        attention_head_dim: int = 8,
         cross_attention_dim: int = 768,
         context_tokens: int = 77,
         norm_num_groups: int = 32,
@@ -165,7 +165,7 @@ class DiADModel(nn.Module):
                 raise ValueError(msg)
         else:
             self.denoiser = build_denoiser(
-                self.codec.channels, block_out_channels, layers_per_block, attention_levels, attention_heads,
+                self.codec.channels, block_out_channels, layers_per_block, attention_levels, attention_head_dim,
                 cross_attention_dim, norm_num_groups,
             )  # fmt: skip
         dim = int(self.denoiser.config.cross_attention_dim)
