@@ -179,7 +179,11 @@ def load_diffusers_model(cls: type, path: str | Path, what: str, subfolder: str 
         msg = f"{what} folder not found: {where} (it needs config.json and diffusion_pytorch_model.safetensors){fallback}"
         raise MissingWeightsError(msg)
     try:
-        return cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True)
+        model, info = cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True, output_loading_info=True)
+        if info["missing_keys"]:  # diffusers only warns, leaving random weights (e.g. a folder of another model)
+            msg = f"{len(info['missing_keys'])} weights are missing from the checkpoint, e.g. {sorted(info['missing_keys'])[:3]}"
+            raise ValueError(msg)
+        return model
     except (OSError, ValueError) as error:
         source = f"folder {where}" if local else f"Hugging Face cache entry {path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         msg = (
