@@ -192,6 +192,11 @@ def test_weights_load_from_a_local_folder_and_a_missing_one_is_named(tmp_path: P
     assert model.sg.copy.controlnet_cond_embedding.blocks[-1].stride == (2, 2)  # the hint meets the latent grid
     out = model.eval().predict(images(1))
     assert out.anomaly_map.shape == (1, 1, 64, 64)
+    half = DiADModel(**{**MODEL_ARGS, "vae_path": str(tmp_path / "vae"), "vae_dtype": "bfloat16", "hint_channels": [8, 16]})
+    assert next(half.codec.vae.parameters()).dtype == torch.bfloat16  # frozen VAE in half precision, cast in and out
+    assert half.codec.encode(images(1)).dtype == torch.float32 and half.codec.decode(torch.zeros(1, 4, 32, 32)).dtype == torch.float32
+    with pytest.raises(ValueError, match="vae_dtype must be one of"):
+        DiADModel(**{**MODEL_ARGS, "vae_dtype": "half"})
     with pytest.raises(MissingWeightsError, match=r"denoiser folder not found: .*nowhere"):
         DiADModel(**{**MODEL_ARGS, "unet_path": str(tmp_path / "nowhere")})
     with pytest.raises(MissingWeightsError, match=r"could not load the UNet2DConditionModel .*unet_path to null"):
