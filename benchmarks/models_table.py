@@ -21,7 +21,7 @@ MODELS = [
     ("DPNR", "Dpnr", "dual-prototype noise repository (DP-SNI, RHN-Loss)", "src/anomalib_dpnr/models/dpnr/README.md", "configs/dpnr/cpu.yaml"),
     ("DiffusionAD", "DiffusionAD", "Zhang et al., DiffusionAD", "src/anomalib_dpnr/models/diffusion_ad/README.md", "configs/diffusion_ad/cpu.yaml"),
     ("D3AD", "D3AD", "Tebbe & Tayyub, Dynamic Addition of Noise (with DDAD)", "src/anomalib_dpnr/models/d3ad/README.md", "configs/d3ad/cpu.yaml"),
-    ("DiAD", "DiAD", "He et al., DiAD (Semantic-Guided latent diffusion)", None, None),
+    ("DiAD", "DiAD", "He et al., DiAD (Semantic-Guided latent diffusion)", "src/anomalib_dpnr/models/diad/README.md", "configs/diad/cpu.yaml"),
     ("RAN", "Ran", "Lu et al., Removing Anomalies as Noises", "src/anomalib_dpnr/models/ran/README.md", "configs/ran/cpu.yaml"),
 ]  # fmt: skip
 TARGETS = {"bottle": "Patchcore", "magnetic_tile": "Padim"}  # the baseline each dataset's headline compares with

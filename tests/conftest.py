@@ -72,10 +72,29 @@ TINY_RAN = {
     "guidance_iterations": 4,
 }
 
+# Smallest DiAD: pixel space, random-init backbone, one ResNet per level (SFF fuses 2 outputs into 2), a one-conv hint
+# encoder, 2 DDIM steps from t = 999.
+TINY_DIAD = {
+    "image_size": 64,
+    "block_out_channels": [16, 32, 32, 32],
+    "layers_per_block": 1,
+    "attention_levels": [3],
+    "attention_head_dim": 2,
+    "cross_attention_dim": 16,
+    "context_tokens": 2,
+    "norm_num_groups": 8,
+    "hint_channels": [8],
+    "backbone": "efficientnet_lite0",
+    "layers": ["blocks.1", "blocks.2"],
+    "pre_trained": False,
+    "ddim_steps": 2,
+}
+
 # Every plugin model, once: class name in anomalib_dpnr -> (config folder under configs/, tiny init_args).
 # Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
 MODELS = {
     "D3AD": ("d3ad", TINY_D3AD),
+    "DiAD": ("diad", TINY_DIAD),
     "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD),
     "Dpnr": ("dpnr", TINY_DPNR),
     "Ran": ("ran", TINY_RAN),
@@ -84,6 +103,7 @@ MODELS = {
 # test_proof.py: what each tiny model needs (besides MODELS' init_args) to learn the generated data in 2 short epochs.
 PROOF = {
     "D3AD": {"learning_rate": 2e-3},
+    "DiAD": {"learning_rate": 2e-3},
     "DiffusionAD": {"learning_rate": 2e-3},
     "Dpnr": {"learning_rate": 2e-3},
     "Ran": {"learning_rate": 2e-3},

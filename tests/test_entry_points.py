@@ -14,7 +14,9 @@ from test_cli import anomalib
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(("model", "name"), [("dpnr", "Dpnr"), ("diffusion_ad", "DiffusionAD"), ("d3ad", "D3AD"), ("ran", "Ran")])
+@pytest.mark.parametrize(
+    ("model", "name"), [("dpnr", "Dpnr"), ("diffusion_ad", "DiffusionAD"), ("d3ad", "D3AD"), ("diad", "DiAD"), ("ran", "Ran")]
+)
 def test_demo_quick_on_generated_data(tmp_path: Path, model: str, name: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "anomalib_dpnr.cli", "demo", "--model", model, "--quick", "--generated", "--output", str(tmp_path)],

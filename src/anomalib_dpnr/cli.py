@@ -29,7 +29,7 @@ __all__ = [
 ]  # fmt: skip
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, in an editable install
-DEMO_MODELS = ["d3ad", "diffusion_ad", "dpnr", "ran"]  # whose CPU config the demo runs
+DEMO_MODELS = ["d3ad", "diad", "diffusion_ad", "dpnr", "ran"]  # whose CPU config the demo runs
 
 # One epoch, no loader workers: what every model gets at toy scale.
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
@@ -42,6 +42,8 @@ QUICK_ARGS = [
 QUICK_MODEL_ARGS = {
     "D3AD": ["--model.pre_trained", "false", "--model.knn_k", "3", "--model.knn_pool_size", "4", "--model.ddim_steps", "2",
              "--model.domain_adaptation", "false", "--model.statistics_images", "8"],
+    "DiAD": ["--model.pre_trained", "false", "--model.layers_per_block", "1", "--model.cross_attention_dim", "16",
+             "--model.context_tokens", "2", "--model.hint_channels", "[8]", "--model.ddim_steps", "2"],
     "DiffusionAD": ["--model.segmentation_width", "8"],
     "Dpnr": ["--model.pre_trained", "false", "--model.num_prototypes", "4", "--model.repository_patch_size", "16",
              "--model.attention_dim", "16", "--model.parameterizer_width", "16"],

@@ -1,7 +1,7 @@
 """Pieces shared by the diffusion models: schedules, UNets, synthetic anomalies, processing."""
 
 from .base import DiffusionAnomalyModule
-from .diffusion import NoiseSchedule, gaussian_noise
+from .diffusion import NoiseSchedule, ddim_loop, gaussian_noise
 from .processing import (
     AnomalyScorer,
     diffusion_evaluator,
@@ -23,6 +23,7 @@ __all__ = [
     "SyntheticAnomalyGenerator",
     "build_unet",
     "check_images",
+    "ddim_loop",
     "diffusion_evaluator",
     "diffusion_pre_processor",
     "estimate_foreground",

@@ -13,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from collections.abc import Callable
+
 from diffusers import DDPMScheduler
 from torch import nn
 
-__all__ = ["NoiseSchedule", "gaussian_noise"]
+__all__ = ["NoiseSchedule", "ddim_loop", "gaussian_noise"]
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -142,3 +144,27 @@ class NoiseSchedule(nn.Module):
         """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` per step."""
         abar = self.alphas_cumprod[timesteps]
         return abar / (1 - abar)
+
+
+def ddim_loop(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    alphas_cumprod: torch.Tensor,
+    start: torch.Tensor,
+    steps: torch.Tensor,
+    num_steps: int,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from ``start`` at per-image ``steps`` ``[B]`` down to step 0.
+
+    Image ``i`` is denoised in ``num_steps`` equal steps ``t_i, t_i (S-1)/S, ..., t_i / S`` (floored) and a last
+    update to step 0: diffusers' ``DDIMScheduler`` update with ``eta = 0``, vectorised over per-image start steps,
+    with a fixed loop length (exportable). ``predict_noise(x_t, t, abar_t)`` returns the noise estimate.
+    """
+    x = start
+    for k in range(num_steps):
+        t = torch.div(steps * (num_steps - k), num_steps, rounding_mode="floor")
+        t_next = torch.div(steps * (num_steps - k - 1), num_steps, rounding_mode="floor")
+        abar, abar_next = _expand(alphas_cumprod[t], x), _expand(alphas_cumprod[t_next], x)
+        epsilon = predict_noise(x, t, abar)
+        x0 = (x - (1 - abar).sqrt() * epsilon) / abar.sqrt()
+        x = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * epsilon
+    return x

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import MissingWeightsError
+from .weights import load_diffusers_model
 
 __all__ = ["LatentCodec"]
 
@@ -52,32 +52,17 @@ class LatentCodec(nn.Module):
         """``z = c_scale * E(x)`` using the posterior mean (deterministic)."""
         if self.vae is None:
             return images * self.scale
-        return self.vae.encode(images).latent_dist.mean * self.scale
+        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.to(images.dtype) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents back to ``[-1, 1]`` images."""
         if self.vae is None:
             return latents / self.scale
-        return self.vae.decode(latents / self.scale).sample
+        return self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.to(latents.dtype)
 
 
 def _load_vae(vae_path: str | Path) -> nn.Module:
     """Load an ``AutoencoderKL`` from a local folder or the offline HF cache, or say what is missing."""
     from diffusers import AutoencoderKL
 
-    path = Path(vae_path)
-    local = path.is_dir()
-    if not local and (path.is_absolute() or str(vae_path).startswith(".")):
-        msg = f"VAE folder not found: {path} (it needs config.json and diffusion_pytorch_model.safetensors)"
-        raise MissingWeightsError(msg)
-    try:
-        return AutoencoderKL.from_pretrained(str(vae_path), local_files_only=True)
-    except (OSError, ValueError) as error:
-        where = f"folder {path}" if local else f"Hugging Face cache entry {vae_path!r}"
-        msg = (
-            f"could not load the AutoencoderKL from {where}: {error}. Provide a local folder with "
-            "config.json and diffusion_pytorch_model.safetensors (e.g. copied from a machine with "
-            f"network via `huggingface-cli download {vae_path if not local else 'stabilityai/sd-vae-ft-mse'}`), "
-            "or set vae_path to null to diffuse in pixel space"
-        )
-        raise MissingWeightsError(msg) from error
+    return load_diffusers_model(AutoencoderKL, vae_path, "VAE", fallback=", or set vae_path to null to diffuse in pixel space")

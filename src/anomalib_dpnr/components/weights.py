@@ -23,6 +23,7 @@ __all__ = [
     "hf_cache_dir",
     "install_efficientnet_lite0",
     "load_backbone_file",
+    "load_diffusers_model",
     "require_pretrained",
 ]
 
@@ -158,3 +159,36 @@ def load_backbone_file(module: nn.Module, path: str | Path) -> None:
         msg = f"backbone weights {path} do not fit the backbone: missing keys {missing[:5]}..."
         raise ValueError(msg)
     del unexpected  # features_only backbones drop the classifier head
+
+
+def load_diffusers_model(cls: type, path: str | Path, what: str, subfolder: str | None = None, fallback: str = "") -> nn.Module:
+    """``cls.from_pretrained`` (a diffusers model class) from a local folder or the offline HF cache, or a
+    ``MissingWeightsError`` naming what is missing and how to provide it.
+
+    Args:
+        cls: diffusers model class (``AutoencoderKL``, ``UNet2DConditionModel``, ...).
+        path: Local folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a hub id in the HF cache.
+        what: Name of the network in the error message.
+        subfolder: Subfolder of ``path`` holding the model (``unet`` in a Stable Diffusion folder).
+        fallback: What the user can do instead, appended to the error message.
+    """
+    folder = Path(path)
+    local = folder.is_dir()
+    where = folder / subfolder if subfolder else folder
+    if not local and (folder.is_absolute() or str(path).startswith(".")):
+        msg = f"{what} folder not found: {where} (it needs config.json and diffusion_pytorch_model.safetensors){fallback}"
+        raise MissingWeightsError(msg)
+    try:
+        model, info = cls.from_pretrained(str(path), subfolder=subfolder, local_files_only=True, output_loading_info=True)
+        if info["missing_keys"]:  # diffusers only warns, leaving random weights (e.g. a folder of another model)
+            msg = f"{len(info['missing_keys'])} weights are missing from the checkpoint, e.g. {sorted(info['missing_keys'])[:3]}"
+            raise ValueError(msg)
+        return model
+    except (OSError, ValueError) as error:
+        source = f"folder {where}" if local else f"Hugging Face cache entry {path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        msg = (
+            f"could not load the {cls.__name__} ({what}) from {source}: {error}. Provide a local folder with "
+            "config.json and diffusion_pytorch_model.safetensors (e.g. saved with save_pretrained, or copied from a "
+            f"machine with network via `huggingface-cli download {path if not local else '<hub id>'}`){fallback}"
+        )
+        raise MissingWeightsError(msg) from error

@@ -1,6 +1,7 @@
-"""Data helpers: the ``MVTec`` alias and a generated MVTec-layout demo dataset."""
+"""Data helpers: the ``MVTec`` alias, the multi-category ``MVTecMultiClass`` and a generated demo dataset."""
 
+from .multi_class import CategoryMetrics, MVTecMultiClass
 from .mvtec import MVTec
 from .synthetic_dataset import make_synthetic_dataset
 
-__all__ = ["MVTec", "make_synthetic_dataset"]
+__all__ = ["CategoryMetrics", "MVTec", "MVTecMultiClass", "make_synthetic_dataset"]

@@ -16,11 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anomalib_dpnr.components.diffusion import ddim_loop
+
 __all__ = ["conditioned_epsilon", "ddim_reconstruct"]
-
-
-def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 def conditioned_epsilon(
@@ -53,12 +51,7 @@ def ddim_reconstruct(
         num_steps: DDIM steps ``S``.
         condition_weight: ``w`` (0 = unconditioned DDIM).
     """
-    x = start
-    for k in range(num_steps):
-        t = torch.div(steps * (num_steps - k), num_steps, rounding_mode="floor")
-        t_next = torch.div(steps * (num_steps - k - 1), num_steps, rounding_mode="floor")
-        abar, abar_next = _per_image(alphas_cumprod[t], x), _per_image(alphas_cumprod[t_next], x)
-        epsilon = conditioned_epsilon(denoiser(x, t).sample, x, target, abar, condition_weight)
-        x0 = (x - (1 - abar).sqrt() * epsilon) / abar.sqrt()
-        x = abar_next.sqrt() * x0 + (1 - abar_next).sqrt() * epsilon
-    return x
+    def predict_noise(x: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        return conditioned_epsilon(denoiser(x, t).sample, x, target, abar, condition_weight)
+
+    return ddim_loop(predict_noise, alphas_cumprod, start, steps, num_steps)
