@@ -27,8 +27,8 @@ def test_names_paths_and_errors(tmp_path: Path) -> None:
     own.write_text("model: {}\n")
     assert config_path(own) == own and display_name(own) == str(own)
     assert display_name(cpu) == "configs/dpnr/cpu.yaml" == display_name(REPO / "configs" / "dpnr" / "cpu.yaml")
-    with pytest.raises(FileNotFoundError, match=r"'ran/cpu'.*shipped: baselines/padim_cpu"):
-        config_path("ran/cpu")
+    with pytest.raises(FileNotFoundError, match=r"'unknown/cpu'.*shipped: baselines/padim_cpu"):
+        config_path("unknown/cpu")
 
 
 def test_copy_to_a_file_or_folder_never_overwrites(tmp_path: Path) -> None:
