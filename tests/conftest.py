@@ -110,6 +110,24 @@ PROOF = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "only_models(*names): run a per-model test for these models of MODELS only")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the instances of an ``only_models`` test for the other models (its module-scoped model fixture keeps
+    one training per model; an indirect parametrisation would reorder the tests and train some models twice)."""
+    dropped = []
+    for item in items:
+        marker = item.get_closest_marker("only_models")
+        params = getattr(item, "callspec", None) and item.callspec.params
+        if marker and params and not set(marker.args) & {params.get("name"), params.get("model_name")}:
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of a 64 px MVTec-layout dataset with category ``woven``."""
