@@ -299,3 +299,20 @@ def test_ddp_training_on_two_cpu_processes(name: str, tiny_dataset: Path, tmp_pa
     (checkpoint,) = tmp_path.glob("results/**/weights/lightning/model.ckpt")
     reloaded = getattr(anomalib_dpnr, name).load_from_checkpoint(checkpoint)
     assert all(value.numel() for value in fitted_state(reloaded).values())
+
+
+# --- CPU speed ---------------------------------------------------------------------------------------------
+def test_cpu_runs_put_the_networks_in_channels_last_without_changing_the_output(tiny_dataset: Path, tmp_path: Path) -> None:
+    module = build("DiffusionAD", seed=0).eval()
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = module.model(images)
+    module.setup("test")  # no trainer: nothing changes
+    assert all(p.is_contiguous() for p in module.parameters())
+    engine(tmp_path).test(module, datamodule=datamodule(tiny_dataset))  # Trainer.test runs setup on the CPU accelerator
+    convs = [m.weight for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    with torch.no_grad():
+        got = module.eval().model(images)
+    torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pred_score, expected.pred_score, atol=1e-5, rtol=0)

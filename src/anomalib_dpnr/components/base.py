@@ -14,6 +14,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning_utilities.core.imports import module_available
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -68,9 +69,11 @@ class DiffusionAnomalyModule(AnomalibModule):
         return super().forward(as_rgb(batch, type(self).__name__), *args, **kwargs)
 
     def setup(self, stage: str | None = None) -> None:
-        """Fail clearly on an image size the model cannot take, an unreadable ``--ckpt_path`` file or an
+        """Channels-last weights on CPU. Fail clearly on an image size the model cannot take, an unreadable ``--ckpt_path`` file or an
         empty training set, instead of deep inside torch or the data loader."""
         super().setup(stage)
+        if self._trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator):
+            self.model.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~1.5x faster, equal up to float rounding
         check_image_size(self.input_size, getattr(self.model, "size_multiple", 1), type(self).__name__)
         if self._trainer is not None and not isinstance(self.trainer.strategy.checkpoint_io, CheckedCheckpointIO):
             self.trainer.strategy.checkpoint_io = CheckedCheckpointIO(self.trainer.strategy.checkpoint_io)
