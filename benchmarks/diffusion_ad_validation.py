@@ -7,7 +7,8 @@ for each inference mode (``norm_guided``, ``average``), the image AUROC, pixel A
 
     nice python benchmarks/diffusion_ad_validation.py --csv benchmarks/results/diffusion_ad_validation.csv \\
         -- --model.learning_rate 0.0002 --model.segmentation_width 32
-    python benchmarks/diffusion_ad_validation.py --csv benchmarks/results/diffusion_ad_validation.csv --render
+    python benchmarks/diffusion_ad_validation.py --csv benchmarks/results/diffusion_ad_validation.csv --render \\
+        --readme src/anomalib_dpnr/models/diffusion_ad/README.md
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS
+from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, update_readme
 from anomalib_dpnr.config_files import config_path
 
 CONFIG = config_path("diffusion_ad/cpu")
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--csv", type=Path, required=True, help="rows are appended")
     parser.add_argument("--render", action="store_true", help="train nothing: print the table of --csv")
+    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
+    parser.add_argument("--key", default="diffusion_ad_validation", help="marker key of the --readme block")
     parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
     args = parser.parse_args(argv)
     rows = []
@@ -107,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-    print(summary(rows))
+    table = summary(rows)
+    print(table)
+    for readme in args.readme:
+        update_readme(readme, args.key, table, "python benchmarks/diffusion_ad_validation.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 
