@@ -2,7 +2,8 @@
 
 The headline of a model on a dataset is its pixel AUROC / PRO (mean ± std when the CSVs hold several seeds of the
 same config) beside the baseline it has to beat there (PatchCore on bottle, PaDiM on magnetic_tile), and its
-inference time as a multiple of PatchCore's in the same run. Rows of several CSVs (e.g. one per seed) are pooled.
+inference time as a multiple of PatchCore's in the same run. Rows of several CSVs (e.g. one per seed) are pooled;
+``--csv PATH@magnetic_tile`` takes only that dataset's rows of a CSV (e.g. when a newer CSV replaces its bottle rows).
 
     python benchmarks/models_table.py --csv benchmarks/results/comparison_cpu.csv --csv benchmarks/results/dpnr_seeds_cpu.csv --readme README.md
 """
@@ -62,13 +63,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def read_rows(spec: str) -> list[dict]:
+    """The rows of ``PATH`` or, for ``PATH@dataset[,dataset]``, of those datasets only."""
+    path, _, datasets = spec.partition("@")
+    rows = read_csv(Path(path))
+    if not datasets:
+        return rows
+    wanted = set(datasets.split(","))
+    if missing := wanted - {row["dataset"] for row in rows}:
+        msg = f"{path} has no rows for dataset(s) {sorted(missing)}"
+        raise SystemExit(msg)
+    return [row for row in rows if row["dataset"] in wanted]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv", type=Path, action="append", required=True, help="comparison CSV(s), pooled")
+    parser.add_argument("--csv", action="append", required=True, help="comparison CSV(s), pooled; PATH@dataset[,dataset]: only those datasets")
     parser.add_argument("--readme", type=Path, action="append", default=[])
     parser.add_argument("--key", default="models")
     args = parser.parse_args(argv)
-    rows = [row for path in args.csv for row in read_csv(path)]
+    rows = [row for spec in args.csv for row in read_rows(spec)]
     text = table(rows)
     print(text)
     command = "python benchmarks/models_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -172,6 +172,29 @@ def test_seeds_give_mean_and_spread(tmp_path: Path) -> None:
     assert (tmp_path / "s.png").stat().st_size > 10_000
 
 
+def test_models_table_takes_one_dataset_of_a_csv(tmp_path: Path) -> None:
+    """``--csv PATH@dataset``: a newer CSV's rows replace an older CSV's on one dataset instead of pooling with them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import models_table
+
+    row = lambda model, dataset, seed, value: {  # noqa: E731
+        "model": model, "config": f"configs/{model.lower()}/cpu.yaml" if model == "Dpnr" else "b.yaml", "dataset": dataset,
+        "seed": seed, "pixel_AUROC": value, "pixel_AUPRO": value, "image_AUROC": value,
+    }  # fmt: skip
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    for path, rows in ((old, [row("Patchcore", "bottle", 42, 0.9), row("Dpnr", "bottle", 42, 0.1), row("Padim", "tile", 42, 0.7), row("Dpnr", "tile", 42, 0.6)]),
+                       (new, [row("Patchcore", "bottle", s, 0.9) for s in (0, 1)] + [row("Dpnr", "bottle", 0, 0.8), row("Dpnr", "bottle", 1, 0.6)])):  # fmt: skip
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    rows = models_table.read_rows(f"{old}@tile") + models_table.read_rows(str(new))
+    dpnr = [r for r in bench.summarise(rows) if r["model"] == "Dpnr"]
+    assert sorted((r["dataset"], r["seeds"], round(r["pixel_AUROC"], 3)) for r in dpnr) == [("bottle", 2, 0.7), ("tile", 1, 0.6)]
+    with pytest.raises(SystemExit, match=r"no rows for dataset\(s\) \['carpet'\]"):
+        models_table.read_rows(f"{old}@carpet")
+
+
 def test_append_replaces_rows_where_they_stood() -> None:
     row = lambda model, dataset, run: {"model": model, "config": f"{model}.yaml", "dataset": dataset, "run_id": run}  # noqa: E731
     old = [row("Padim", "bottle", "a"), row("Patchcore", "bottle", "a"), row("Dpnr", "bottle", "a"), row("Dpnr", "tile", "b")]
