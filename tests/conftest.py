@@ -112,6 +112,13 @@ PROOF = {
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "only_models(*names): run a per-model test for these models of MODELS only")
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # pytest-xdist (``-n``): share the cores between the workers and the processes they start
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
