@@ -27,6 +27,14 @@ from .validation import as_rgb, check_image_size, check_images
 __all__ = ["DiffusionAnomalyModule"]
 
 
+def is_channels_last(value: object) -> bool:
+    """A 4-D tensor laid out channels-last (and not also contiguous, as 1x1 kernels are either way)."""
+    return (
+        isinstance(value, torch.Tensor) and value.dim() == 4 and not value.is_contiguous()
+        and value.is_contiguous(memory_format=torch.channels_last)
+    )  # fmt: skip
+
+
 class DiffusionAnomalyModule(AnomalibModule):
     """One-class anomalib model on ``[-1, 1]`` images, with the shared evaluator and input checks.
 
@@ -103,11 +111,12 @@ class DiffusionAnomalyModule(AnomalibModule):
         checkpoint[MODEL_KEY] = type(self).__name__
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another model by name (``check_checkpoint_model``); a model loaded on CPU takes the
-        weights in the memory format a CPU run trains and predicts with, so it reproduces that run bit for bit."""
+        """Refuse a checkpoint of another model by name (``check_checkpoint_model``). Weights saved channels-last (a
+        CPU run) load channels-last, so the reloaded model reproduces the saved one bit for bit."""
         check_checkpoint_model(checkpoint, type(self).__name__, set(self.state_dict()))
         super().on_load_checkpoint(checkpoint)
-        self.channels_last_on_cpu()
+        if any(is_channels_last(value) for value in checkpoint.get("state_dict", {}).values()):
+            self.model.to(memory_format=torch.channels_last)
 
     def channels_last_on_cpu(self) -> None:
         """Channels-last weights while the model is on CPU: oneDNN's convolutions run ~1.5x faster, outputs are equal up
