@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_DIFFUSION_AD
+from conftest import REPO, TINY_DIFFUSION_AD, benchmark_script
 
 from anomalib_dpnr import compare as bench
 from anomalib_dpnr.benchmark import expand_model, load_grid, parse_model, register
@@ -174,9 +174,7 @@ def test_seeds_give_mean_and_spread(tmp_path: Path) -> None:
 
 def test_models_table_takes_one_dataset_of_a_csv(tmp_path: Path) -> None:
     """``--csv PATH@dataset``: a newer CSV's rows replace an older CSV's on one dataset instead of pooling with them."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import models_table
-
+    models_table = benchmark_script("models_table")
     row = lambda model, dataset, seed, value: {  # noqa: E731
         "model": model, "config": f"configs/{model.lower()}/cpu.yaml" if model == "Dpnr" else "b.yaml", "dataset": dataset,
         "seed": seed, "pixel_AUROC": value, "pixel_AUPRO": value, "image_AUROC": value,

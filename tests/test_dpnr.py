@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.data import InferenceBatch
-from conftest import TINY_DPNR
+from conftest import TINY_DPNR, benchmark_script
 
 from anomalib_dpnr import Dpnr
 from anomalib_dpnr.components import AnomalyScorer, from_unit_range, to_unit_range, topk_mean
@@ -467,21 +467,11 @@ def test_bad_input_is_named() -> None:
         model(torch.zeros(1, 3, 60, 60))
 
 
-def _inference_sweep():  # noqa: ANN202
-    """``benchmarks/dpnr_inference.py`` as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dpnr_inference", Path(__file__).parents[1] / "benchmarks" / "dpnr_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_inference_sweep_reads_the_maps_as_predict_does() -> None:
     """The sweep's metrics for a setting equal those of ``predict`` run with that setting."""
     from sklearn.metrics import roc_auc_score
 
-    sweep = _inference_sweep()
+    sweep = benchmark_script("dpnr_inference")
     module = _built().eval()
     images, labels = _images(4), torch.tensor([0, 0, 1, 1])
     masks = torch.zeros(4, 1, 64, 64, dtype=torch.bool)
@@ -502,7 +492,7 @@ def test_inference_sweep_reads_the_maps_as_predict_does() -> None:
 def test_inference_sweep_render_picks_the_best_validation_setting(tmp_path: Path) -> None:
     import csv
 
-    sweep = _inference_sweep()
+    sweep = benchmark_script("dpnr_inference")
     rows = []
     for index, (timesteps, weights, sigma, score_from, split) in enumerate(
         (t, w, g, s, split) for t in ("100", "100 200") for w in sweep.WEIGHTS for g in sweep.SIGMAS

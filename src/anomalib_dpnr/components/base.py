@@ -81,7 +81,7 @@ class DiffusionAnomalyModule(AnomalibModule):
         empty training set, instead of deep inside torch or the data loader."""
         super().setup(stage)
         if self._trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator):
-            self.channels_last_on_cpu()
+            self.model.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~1.5x faster, equal up to float rounding
         check_image_size(self.input_size, getattr(self.model, "size_multiple", 1), type(self).__name__)
         if self._trainer is not None and not isinstance(self.trainer.strategy.checkpoint_io, CheckedCheckpointIO):
             self.trainer.strategy.checkpoint_io = CheckedCheckpointIO(self.trainer.strategy.checkpoint_io)
@@ -116,12 +116,6 @@ class DiffusionAnomalyModule(AnomalibModule):
         check_checkpoint_model(checkpoint, type(self).__name__, set(self.state_dict()))
         super().on_load_checkpoint(checkpoint)
         if any(is_channels_last(value) for value in checkpoint.get("state_dict", {}).values()):
-            self.model.to(memory_format=torch.channels_last)
-
-    def channels_last_on_cpu(self) -> None:
-        """Channels-last weights while the model is on CPU: oneDNN's convolutions run ~1.5x faster, outputs are equal up
-        to float rounding (CUDA runs keep the default format)."""
-        if all(parameter.device.type == "cpu" for parameter in self.model.parameters()):
             self.model.to(memory_format=torch.channels_last)
 
     @classmethod
