@@ -137,6 +137,9 @@ def test_run_plan_fair_jobs(tmp_path: Path) -> None:
         bench.plan(parse("--folder", str(tmp_path), "good"))
     with pytest.raises(FileNotFoundError, match="no config file or shipped config named 'nope'"):
         bench.plan(parse("--models", "nope"))
+    with pytest.raises(ValueError, match="--retest takes '--model.<argument> <value>' pairs"):
+        bench.plan(parse("--retest", "--trainer.precision bf16"))
+    assert bench.model_overrides("--model.inference_dtype bfloat16 --model.top_k 10") == {"inference_dtype": "bfloat16", "top_k": 10}
 
 
 def test_ratios_and_plot(tmp_path: Path) -> None:
@@ -214,10 +217,15 @@ def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
         writer.writeheader()
         writer.writerow(earlier)
     configs = ["--config", "configs/baselines/padim_cpu.yaml", "--variant", "configs/dpnr/cpu.yaml --model.dp_sni false"]
-    done = run(str(REPO / "benchmarks" / "run.py"), "--quick", *configs, "--csv", str(out), "--append", "--readme", str(readme), cwd=REPO)
+    retest = ["--retest", "--model.inference_dtype bfloat16"]  # DPNR's weights tested again in bfloat16; PaDiM has no such argument
+    done = run(str(REPO / "benchmarks" / "run.py"), "--quick", *configs, *retest, "--csv", str(out), "--append", "--readme", str(readme), cwd=REPO)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     rows = list(csv.DictReader(out.open()))
-    assert [row["model"] for row in rows] == ["Padim", "Patchcore", "Padim", "Dpnr"]
+    assert [row["model"] for row in rows] == ["Padim", "Patchcore", "Padim", "Dpnr", "Dpnr"]
+    trained, retested = rows[3:]
+    assert retested["config"] == trained["config"] + " --model.inference_dtype bfloat16"
+    assert retested["train_seconds"] == trained["train_seconds"] and retested["seed"] == trained["seed"]  # the same weights
+    assert abs(float(retested["pixel_AUROC"]) - float(trained["pixel_AUROC"])) < 0.05
     new = rows[1:]
     assert len({row["run_id"] for row in new}) == 1 and {row["seed"] for row in new} == {"42"}
     for row in new:
@@ -230,6 +238,7 @@ def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old" not in text and "| Patchcore | configs/baselines/patchcore_cpu.yaml | woven |" in text
     assert "| Dpnr | configs/dpnr/cpu.yaml --model.dp_sni false | woven |" in text and "infer_x_patchcore" in text
+    assert "| Dpnr | configs/dpnr/cpu.yaml --model.dp_sni false --model.inference_dtype bfloat16 | woven |" in text
     assert text.startswith("intro\n") and text.endswith("end\n")
 
 

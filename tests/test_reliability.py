@@ -30,6 +30,7 @@ from torchvision.io import read_image
 
 import anomalib_dpnr
 from anomalib_dpnr import MVTec
+from anomalib_dpnr.components import Denoiser
 from anomalib_dpnr.components.base import DiffusionAnomalyModule
 from anomalib_dpnr.components.checkpoints import CheckpointError
 from anomalib_dpnr.components.distributed import fitted_state
@@ -316,3 +317,46 @@ def test_cpu_runs_put_the_networks_in_channels_last_without_changing_the_output(
         got = module.eval().model(images)
     torch.testing.assert_close(got.anomaly_map, expected.anomaly_map, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.pred_score, expected.pred_score, atol=1e-5, rtol=0)
+
+
+
+
+# --- inference precision -----------------------------------------------------------------------------------
+def test_inference_dtype_names_are_checked() -> None:
+    with pytest.raises(ValueError, match="inference_dtype must be one of"):
+        build("Dpnr", inference_dtype="int8")
+
+
+def test_bfloat16_inference_runs_the_denoiser_in_bfloat16_and_keeps_maps_float32_and_close(run: Run, tiny_dataset: Path) -> None:
+    cls = type(run.module)
+    if "inference_dtype" not in inspect.signature(cls).parameters:  # DiAD's conditioned denoiser: a clear error instead
+        with pytest.raises(ValueError, match="no denoiser that can run in a lower precision"):
+            run.module.set_inference_dtype(torch.bfloat16)
+        return
+    assert cls.__name__ in {"Dpnr", "DiffusionAD", "D3AD", "Ran"}
+    images = run.module.pre_processor.transform(sample_images(tiny_dataset))
+    module = cls.load_from_checkpoint(run.checkpoint, inference_dtype="bfloat16").eval()  # as `--model.inference_dtype`
+    dtypes: list[torch.dtype] = []
+    for denoiser in (m for m in module.model.modules() if isinstance(m, Denoiser)):
+        denoiser.conv_in.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    with torch.no_grad():
+        expected, got = run.module.model(images), module.model(images)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert got.anomaly_map.dtype == torch.float32 and got.pred_score.dtype == torch.float32
+    assert not torch.equal(got.anomaly_map, expected.anomaly_map)  # the option changes the computation ...
+    assert (got.anomaly_map - expected.anomaly_map).abs().max() <= 0.1 * expected.anomaly_map.abs().max()  # ... not the result
+    dtypes.clear()
+    module.model.denoiser.train()
+    with torch.no_grad():
+        module.model.denoiser(images, torch.zeros(len(images), dtype=torch.long))
+    assert dtypes == [torch.float32]  # training is unaffected
+
+
+def test_exports_are_float32_whatever_the_inference_dtype(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    module = build("DiffusionAD", inference_dtype="bfloat16")
+    module.setup("test")
+    seen: list[torch.dtype | None] = []
+    monkeypatch.setattr("anomalib.models.components.AnomalibModule.to_onnx", lambda self, *a, **k: seen.append(self.model.denoiser.autocast_dtype))
+    module.to_onnx(tmp_path, input_size=(64, 64))
+    assert seen == [None]  # the graph is traced in float32 ...
+    assert module.model.denoiser.autocast_dtype == torch.bfloat16  # ... and the module keeps its inference dtype

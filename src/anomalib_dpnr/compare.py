@@ -79,8 +79,13 @@ class Progress(Callback):
         print("PROGRESS testing", flush=True)
 
 
-def run_job(config: str, data: dict, extra: list[str], seed: int, split_seed: int, label: str | None = None) -> dict:
-    """Fit then test one config on one dataset in this process; return the result row.
+def run_job(
+    config: str, data: dict, extra: list[str], seed: int, split_seed: int, label: str | None = None, retest: list[str] | None = None
+) -> list[dict]:
+    """Fit then test one config on one dataset in this process; return its result row, then one row per ``retest``.
+
+    ``retest``: inference-only overrides (``"--model.inference_dtype bfloat16"``) tested again on the same trained
+    weights (checkpoint reloaded with them), for models that take every overridden argument.
 
     ``data`` is ``{"kind": "mvtec", "root", "category"}`` or ``{"kind": "folder", "root", "name", "normal_dir",
     "abnormal_dir", "mask_dir"}``; batch sizes, workers and the validation split come from the config's ``data:``.
@@ -110,17 +115,43 @@ def run_job(config: str, data: dict, extra: list[str], seed: int, split_seed: in
     engine.fit(model=model, datamodule=datamodule)
     train_seconds = time.perf_counter() - start
     (metrics,) = engine.test(model=model, datamodule=datamodule)
-    return {
-        "model": type(model).__name__,
-        "config": label or display_name(config),
-        "dataset": data.get("category") or data["name"],
-        **{name: round(float(metrics[name]), 4) for name in METRICS if name in metrics},
-        "train_seconds": round(train_seconds, 1),
-        "infer_ms_per_image": round(inference_ms_per_image(model, datamodule), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "epochs": engine.trainer.current_epoch,
-        "seed": seed,
-    }
+    label = label or display_name(config)
+
+    def row(config_label: str, metrics: dict, model) -> dict:  # noqa: ANN001
+        return {
+            "model": type(model).__name__,
+            "config": config_label,
+            "dataset": data.get("category") or data["name"],
+            **{name: round(float(metrics[name]), 4) for name in METRICS if name in metrics},
+            "train_seconds": round(train_seconds, 1),
+            "infer_ms_per_image": round(inference_ms_per_image(model, datamodule), 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "epochs": engine.trainer.current_epoch,
+            "seed": seed,
+        }
+
+    rows = [row(label, metrics, model)]
+    for text in retest or []:
+        overrides = model_overrides(text)
+        if not set(overrides) <= set(inspect.signature(type(model)).parameters):
+            continue
+        checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+        again = type(model).load_from_checkpoint(checkpoint, **overrides)
+        (metrics,) = engine.test(model=again, datamodule=datamodule)
+        rows.append(row(f"{label} {text}", metrics, again))
+    return rows
+
+
+def model_overrides(text: str) -> dict[str, Any]:
+    """``"--model.a 1 --model.b x"`` -> ``{"a": 1, "b": "x"}`` (values read as YAML); a clear error otherwise."""
+    import yaml
+
+    tokens = shlex.split(text)
+    keys, values = tokens[::2], tokens[1::2]
+    if not tokens or len(keys) != len(values) or not all(key.startswith("--model.") for key in keys):
+        msg = f"--retest takes '--model.<argument> <value>' pairs, got {text!r}"
+        raise ValueError(msg)
+    return {key.removeprefix("--model."): yaml.safe_load(value) for key, value in zip(keys, values, strict=True)}
 
 
 def inference_ms_per_image(model, datamodule) -> float:  # noqa: ANN001
@@ -353,6 +384,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
     (``--variant-datasets`` for sample data), PatchCore included."""
     from anomalib_dpnr.cli import quick_args
 
+    for text in args.retest:
+        model_overrides(text)  # a malformed --retest fails before any training
     places = _datasets(args)
     names = [name for name, _, _ in places]
     variant_names = [n for n in names if n in args.variant_datasets] or names[:1]
@@ -377,8 +410,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
                     # only configs that set epochs: PaDiM/PatchCore fix their own (1) and would skip validation
                     given += ["--trainer.max_epochs", str(args.max_epochs), "--trainer.check_val_every_n_epoch", str(args.max_epochs)]
                 shown = " ".join([display_name(config), *map(shlex.quote, extra)])
-                jobs.append({"config": config, "data": data, "extra": [*given, *extra], "seed": seed,
-                             "split_seed": args.split_seed, "label": shown, "_model": model.__name__})  # fmt: skip
+                jobs.append({"config": config, "data": data, "extra": [*given, *extra], "seed": seed, "split_seed": args.split_seed,
+                             "label": shown, "retest": args.retest, "_model": model.__name__})  # fmt: skip
     return jobs
 
 
@@ -425,8 +458,9 @@ def run_jobs(jobs: list[dict], run_id: str) -> tuple[list[dict], list[str]]:
             failed.append(f"{job['label']} on {dataset}, seed {job['seed']} (exit {child.returncode})")
             print(f"compare: job {failed[-1]} FAILED", file=sys.stderr, flush=True)
             continue
-        rows.append({**json.loads(found[-1].removeprefix("BENCHMARK_ROW ")), "run_id": run_id})
-        print("compare: " + json.dumps(rows[-1]), flush=True)
+        for line in found:
+            rows.append({**json.loads(line.removeprefix("BENCHMARK_ROW ")), "run_id": run_id})
+            print("compare: " + json.dumps(rows[-1]), flush=True)
     return rows, failed
 
 
@@ -455,6 +489,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     models.add_argument("--config", action="append", help="'config.yaml-or-name [--model.x v ...]' (repeatable)")
     models.add_argument("--variant", action="append", default=[], help="like --config, run on --variant-datasets only")
     models.add_argument("--variant-datasets", nargs="+", default=["bottle"], help="datasets for --variant (default: bottle, else the first)")
+    models.add_argument("--retest", action="append", default=[], metavar="OVERRIDES",
+                        help="inference-only '--model.x v' overrides tested again on each trained model that takes them "
+                             "(same weights, one more row each), e.g. '--model.inference_dtype bfloat16' (repeatable)")  # fmt: skip
     models.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="add PatchCore when no config names it (speed ratios need it)")  # fmt: skip
     runs = p.add_argument_group("runs and outputs")
@@ -474,7 +511,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, command: str) -> int:
     """Run a comparison from parsed arguments; ``command`` is what the README block says generated it."""
     if args.job:  # child process
-        print("BENCHMARK_ROW " + json.dumps(run_job(**args.job)), flush=True)
+        for row in run_job(**args.job):
+            print("BENCHMARK_ROW " + json.dumps(row), flush=True)
         return 0
     if args.csv is None:
         print("compare: --csv PATH is required (where the results go)", file=sys.stderr)

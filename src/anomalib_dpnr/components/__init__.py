@@ -13,11 +13,12 @@ from .processing import (
     topk_mean,
 )
 from .synthetic import SyntheticAnomalyGenerator, estimate_foreground, self_augment
-from .unet import build_unet, unet_downsampling_factor
+from .unet import Denoiser, build_unet, parse_inference_dtype, unet_downsampling_factor
 from .validation import check_images
 
 __all__ = [
     "AnomalyScorer",
+    "Denoiser",
     "DiffusionAnomalyModule",
     "NoiseSchedule",
     "SyntheticAnomalyGenerator",
@@ -31,6 +32,7 @@ __all__ = [
     "gaussian_noise",
     "gaussian_blur",
     "image_size_pair",
+    "parse_inference_dtype",
     "self_augment",
     "to_unit_range",
     "topk_mean",

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
 from .distributed import sync_fitted_state
 from .processing import diffusion_evaluator, diffusion_pre_processor
+from .unet import Denoiser, parse_inference_dtype
 from .validation import as_rgb, check_image_size, check_images
 
 __all__ = ["DiffusionAnomalyModule"]
@@ -39,7 +40,8 @@ class DiffusionAnomalyModule(AnomalibModule):
     """One-class anomalib model on ``[-1, 1]`` images, with the shared evaluator and input checks.
 
     Subclasses call ``super().__init__(image_size=..., seed=..., pre_processor=..., ...)`` before building
-    their networks, so ``seed`` also fixes the weight initialisation.
+    their networks, so ``seed`` also fixes the weight initialisation. ``inference_dtype`` (``"float32"``,
+    ``"bfloat16"``, ``"float16"``) is the precision of the denoisers (``components.Denoiser``) at inference.
     """
 
     def __init__(
@@ -50,7 +52,9 @@ class DiffusionAnomalyModule(AnomalibModule):
         post_processor: Any = True,
         evaluator: Evaluator | bool = True,
         visualizer: Any = True,
+        inference_dtype: str = "float32",
     ) -> None:
+        autocast_dtype = parse_inference_dtype(inference_dtype, type(self).__name__)
         if seed is not None:  # the anomalib CLI declares seed_everything but never applies it
             seed_everything(seed, workers=True)
         if pre_processor is True:
@@ -61,6 +65,7 @@ class DiffusionAnomalyModule(AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self.autocast_dtype = autocast_dtype
 
     @classmethod
     def configure_pre_processor(cls, image_size: int | tuple[int, int] | None = None) -> PreProcessor:
@@ -80,6 +85,7 @@ class DiffusionAnomalyModule(AnomalibModule):
         """Channels-last weights on CPU. Fail clearly on an image size the model cannot take, an unreadable ``--ckpt_path`` file or an
         empty training set, instead of deep inside torch or the data loader."""
         super().setup(stage)
+        self.set_inference_dtype(self.autocast_dtype)
         if self._trainer is not None and isinstance(self.trainer.accelerator, CPUAccelerator):
             self.model.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~1.5x faster, equal up to float rounding
         check_image_size(self.input_size, getattr(self.model, "size_multiple", 1), type(self).__name__)
@@ -94,6 +100,15 @@ class DiffusionAnomalyModule(AnomalibModule):
                 "it needs normal images (MVTec layout: <root>/<category>/train/good/*.png)"
             )
             raise ValueError(msg)
+
+    def set_inference_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run every ``Denoiser`` of the model under autocast to ``dtype`` at inference (``None``: float32)."""
+        denoisers = [module for module in self.model.modules() if isinstance(module, Denoiser)]
+        if dtype is not None and not denoisers:
+            msg = f"{type(self).__name__} has no denoiser that can run in a lower precision; use inference_dtype float32"
+            raise ValueError(msg)
+        for denoiser in denoisers:
+            denoiser.autocast_dtype = dtype
 
     def configure_model(self) -> None:
         """Under DDP, after ``setup`` fitted data-dependent state on each rank: check the ranks agree, use rank 0's."""
@@ -115,6 +130,7 @@ class DiffusionAnomalyModule(AnomalibModule):
         CPU run) load channels-last, so the reloaded model reproduces the saved one bit for bit."""
         check_checkpoint_model(checkpoint, type(self).__name__, set(self.state_dict()))
         super().on_load_checkpoint(checkpoint)
+        self.set_inference_dtype(self.autocast_dtype)
         if any(is_channels_last(value) for value in checkpoint.get("state_dict", {}).values()):
             self.model.to(memory_format=torch.channels_last)
 
@@ -142,8 +158,12 @@ class DiffusionAnomalyModule(AnomalibModule):
             )
             raise ValueError(msg)
         kwargs.setdefault("opset_version", 18)
-        with torch.no_grad():  # no grad-mode regions in the graph: decomposing it takes half the time
-            return super().to_onnx(export_root, model_file_name, input_size=input_size, **kwargs)
+        self.set_inference_dtype(None)  # exported graphs are float32 (the runtime chooses its own precision)
+        try:
+            with torch.no_grad():  # no grad-mode regions in the graph: decomposing it takes half the time
+                return super().to_onnx(export_root, model_file_name, input_size=input_size, **kwargs)
+        finally:
+            self.set_inference_dtype(self.autocast_dtype)
 
     def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """anomalib's OpenVINO export (through :meth:`to_onnx`), after checking OpenVINO is installed."""

@@ -3,10 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from diffusers import UNet2DModel
 
-__all__ = ["build_unet", "unet_downsampling_factor"]
+__all__ = ["INFERENCE_DTYPES", "Denoiser", "build_unet", "parse_inference_dtype", "unet_downsampling_factor"]
+
+INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_inference_dtype(name: str, model: str) -> torch.dtype | None:
+    """The autocast dtype of ``inference_dtype`` ``name`` (``None`` for float32); a clear error on any other name."""
+    if name not in INFERENCE_DTYPES:
+        msg = f"{model}: inference_dtype must be one of {sorted(INFERENCE_DTYPES)}, got {name!r}"
+        raise ValueError(msg)
+    return INFERENCE_DTYPES[name]
+
+
+class Denoiser(UNet2DModel):
+    """``UNet2DModel`` whose eval-mode forward can run under autocast in a lower precision.
+
+    ``autocast_dtype`` (not saved; ``None`` = float32) applies to inference only: training always runs in the
+    trainer's precision. The output is cast back to the input's dtype, so everything after the denoiser (scores,
+    maps, metrics) stays in float32. bfloat16 halves the CPU time of the denoiser on CPUs with AVX512-BF16/AMX.
+    """
+
+    autocast_dtype: torch.dtype | None = None
+
+    def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if self.training or self.autocast_dtype is None:
+            return super().forward(sample, *args, **kwargs)
+        with torch.autocast(sample.device.type, dtype=self.autocast_dtype):
+            output = super().forward(sample, *args, **kwargs)
+        if isinstance(output, tuple):
+            return (output[0].to(sample.dtype), *output[1:])
+        output.sample = output.sample.to(sample.dtype)
+        return output
 
 
 def build_unet(
@@ -18,7 +51,7 @@ def build_unet(
     attention_head_dim: int = 64,
     norm_num_groups: int = 32,
     dropout: float = 0.0,
-) -> UNet2DModel:
+) -> Denoiser:
     """Build a DDPM-style UNet (ResNet blocks, sinusoidal time embedding, self-attention).
 
     Args:
@@ -47,7 +80,7 @@ def build_unet(
         raise ValueError(msg)
     down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(len(widths)))
     up = tuple("AttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(widths))))
-    return UNet2DModel(
+    return Denoiser(
         in_channels=in_channels,
         out_channels=out_channels,
         block_out_channels=widths,

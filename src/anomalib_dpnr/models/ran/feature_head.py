@@ -50,7 +50,8 @@ class FeatureHead(nn.Module):
         if not self._captured:
             msg = "FeatureHead: no decoder activation captured; run the denoiser first"
             raise RuntimeError(msg)
-        features = self.head(self._captured.pop())
+        captured = self._captured.pop()  # bfloat16/float16 under the denoiser's low-precision inference
+        features = self.head(captured.to(self.head[-1].weight.dtype))
         self._captured.clear()
         if tuple(features.shape[-2:]) == tuple(grid):
             return features
