@@ -77,7 +77,8 @@ class Dpnr(DiffusionAnomalyModule):
             end-to-end training, whose noise collapses towards zero; see the README).
         nll_weight: Weight of DP-SNI's real-noise likelihood term (``InjectionLoss``).
         mask_weight: Weight of DP-SNI's foreground-attention term (``InjectionLoss``).
-        kl_weight: Weight of DP-SNI's optional N(0, 1) prior (``InjectionLoss``; a guard for ``detach_noise: false``).
+        kl_weight: Weight of DP-SNI's N(0, 1) prior on both parameterizers' Gaussians (``InjectionLoss``; chosen on
+            bottle's validation half: 1 over 0, see the README).
         inference_timesteps: Noise levels whose one-step reconstructions are averaged.
         pixel_weight: Weight of the pixel discrepancy in the anomaly map.
         feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map.
@@ -139,7 +140,7 @@ class Dpnr(DiffusionAnomalyModule):
         detach_noise: bool = True,
         nll_weight: float = 1.0,
         mask_weight: float = 1.0,
-        kl_weight: float = 0.0,
+        kl_weight: float = 1.0,
         inference_timesteps: Sequence[int] = (100, 200, 300),
         pixel_weight: float = 1.0,
         feature_weight: float = 0.1,

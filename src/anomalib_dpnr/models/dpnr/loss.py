@@ -115,8 +115,9 @@ class InjectionLoss(nn.Module):
       variance per image and mapped back through the squashing, ``u = atanh(r / C)``;
     * ``mask_weight * BCE(A_fg, M)``: the matcher's foreground attention (Eq. 14), computed on the image
       that carries the synthetic defect, learns where the defect ``M`` is;
-    * ``kl_weight * KL(N(mu, sigma^2) || N(0, 1))``: an optional prior (default off) against the bases
-      collapsing when DP-SNI is trained end to end (``detach_noise: false``).
+    * ``kl_weight * KL(N(mu, sigma^2) || N(0, 1))``: a prior that keeps the bases close to the paper's
+      ``C tanh(z)`` noise (``Dpnr``'s default weight 1, chosen on validation data) and against collapse when
+      DP-SNI is trained end to end (``detach_noise: false``).
 
     Args:
         noise_scale: ``C`` of Eq. 19 (the model's ``noise_scale``).
