@@ -3,7 +3,8 @@
 The headline of a model on a dataset is its pixel AUROC / PRO (mean ± std when the CSVs hold several seeds of the
 same config) beside the baseline it has to beat there (PatchCore on bottle, PaDiM on magnetic_tile), and its
 inference time as a multiple of PatchCore's in the same run. Rows of several CSVs (e.g. one per seed) are pooled;
-``--csv PATH@magnetic_tile`` takes only that dataset's rows of a CSV (e.g. when a newer CSV replaces its bottle rows).
+``--csv PATH@magnetic_tile`` takes only that dataset's rows of a CSV (e.g. when a newer CSV replaces its bottle rows),
+``--csv PATH@magnetic_tile:Padim,DiffusionAD`` only those models' rows on it.
 
     python benchmarks/models_table.py --csv benchmarks/results/comparison_cpu.csv --csv benchmarks/results/dpnr_seeds_cpu.csv --readme README.md
 """
@@ -67,21 +68,24 @@ def table(rows: list[dict]) -> str:
 
 
 def read_rows(spec: str) -> list[dict]:
-    """The rows of ``PATH`` or, for ``PATH@dataset[,dataset]``, of those datasets only."""
-    path, _, datasets = spec.partition("@")
+    """The rows of ``PATH``; ``PATH@dataset[,dataset]``: of those datasets only; ``...:Model[,Model]``: of those models only."""
+    path, _, selection = spec.partition("@")
+    datasets, _, models = selection.partition(":")
     rows = read_csv(Path(path))
-    if not datasets:
-        return rows
-    wanted = set(datasets.split(","))
-    if missing := wanted - {row["dataset"] for row in rows}:
-        msg = f"{path} has no rows for dataset(s) {sorted(missing)}"
-        raise SystemExit(msg)
-    return [row for row in rows if row["dataset"] in wanted]
+    for column, names in (("dataset", datasets), ("model", models)):
+        if not names:
+            continue
+        wanted = set(names.split(","))
+        if missing := wanted - {row[column] for row in rows}:
+            msg = f"{path} has no rows for {column}(s) {sorted(missing)}"
+            raise SystemExit(msg)
+        rows = [row for row in rows if row[column] in wanted]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--csv", action="append", required=True, help="comparison CSV(s), pooled; PATH@dataset[,dataset]: only those datasets")
+    parser.add_argument("--csv", action="append", required=True, help="comparison CSV(s), pooled; PATH@dataset[,dataset][:Model[,Model]]: only those datasets (and models)")
     parser.add_argument("--readme", type=Path, action="append", default=[])
     parser.add_argument("--key", default="models")
     args = parser.parse_args(argv)

@@ -194,6 +194,9 @@ def test_models_table_takes_one_dataset_of_a_csv(tmp_path: Path) -> None:
     assert sorted((r["dataset"], r["seeds"], round(r["pixel_AUROC"], 3)) for r in dpnr) == [("bottle", 2, 0.7), ("tile", 1, 0.6)]
     with pytest.raises(SystemExit, match=r"no rows for dataset\(s\) \['carpet'\]"):
         models_table.read_rows(f"{old}@carpet")
+    assert [r["model"] for r in models_table.read_rows(f"{old}@tile:Padim")] == ["Padim"]  # a newer CSV holds Dpnr's tile row
+    with pytest.raises(SystemExit, match=r"no rows for model\(s\) \['Ran'\]"):
+        models_table.read_rows(f"{old}@tile:Ran")
     timed = [{**r, "infer_x_patchcore": 10.0} for r in rows if r["dataset"] == "bottle"]
     timed += [{**r, "config": f"{r['config']} {models_table.BFLOAT16}", "infer_x_patchcore": 4.0} for r in timed if r["model"] == "Dpnr"]
     line = models_table.headline(bench.summarise(timed), "Dpnr", "configs/dpnr/cpu.yaml")
