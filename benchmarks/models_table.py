@@ -39,7 +39,8 @@ def headline(summary: list[dict], name: str, config: str) -> str:
     """``bottle 0.958 / 0.824 (PatchCore 0.937 / 0.739), ...; inference 20x PatchCore`` for one model's config."""
     parts, ratios = [], []
     for dataset, reference in TARGETS.items():
-        own = [r for r in summary if r["model"] == name and r["config"] == config and r["dataset"] == dataset]
+        rows = {r["config"]: r for r in summary if r["model"] == name and r["dataset"] == dataset}  # this model's configs
+        own = [rows[config]] if config in rows else []
         base = [r for r in summary if r["model"] == reference and r["dataset"] == dataset]
         if not own or not base:
             continue
@@ -48,8 +49,8 @@ def headline(summary: list[dict], name: str, config: str) -> str:
         parts.append(f"{dataset} {_value(row, 'pixel_AUROC')} / {_value(row, 'pixel_AUPRO')}{seeds} "
                      f"({reference} {ref['pixel_AUROC']:.3f} / {ref['pixel_AUPRO']:.3f})")  # fmt: skip
         if "infer_x_patchcore" in row:
-            fast = [r for r in summary if r["model"] == name and r["config"] == f"{config} {BFLOAT16}" and r["dataset"] == dataset]
-            low = f" ({fast[0]['infer_x_patchcore']:.0f}x in bfloat16)" if fast and "infer_x_patchcore" in fast[0] else ""
+            fast = rows.get(f"{config} {BFLOAT16}", {})
+            low = f" ({fast['infer_x_patchcore']:.0f}x in bfloat16)" if "infer_x_patchcore" in fast else ""
             ratios.append(f"{row['infer_x_patchcore']:.0f}x{low}")
     if not parts:
         return "not benchmarked yet"
