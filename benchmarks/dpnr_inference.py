@@ -1,16 +1,17 @@
-"""Sweep DPNR's inference choices on a trained checkpoint: noise levels, map terms, image-score source.
+"""Sweep DPNR's inference choices on trained checkpoints: noise levels, map terms, image-score source.
 
-Nothing is retrained: the checkpoint's denoiser, DP-SNI and repository are fixed, and each setting only
+Nothing is retrained: each checkpoint's denoiser, DP-SNI and repository are fixed, and each setting only
 changes how the test image is corrupted and how the discrepancy is read (``inference_timesteps``,
 ``pixel_weight``/``feature_weight``, ``smoothing_sigma``, ``score_from``). Choose on the validation half (``split=val``); the
 test half (``split=test``) is the benchmark's scored half and is reported for the chosen setting only to
-show how it transfers. Same data, 128 px pre-processing and ``from_test`` split (seed 42) as
+show how it transfers. Given several checkpoints (model seeds of one config), every metric is their mean and the
+choice is the setting with the best mean, so it does not ride on one seed. Same data, 128 px pre-processing and ``from_test`` split (seed 42) as
 ``anomalib-dpnr compare``: sample-data folders from ``anomalib_dpnr.compare.DATASETS``, split from
 ``configs/dpnr/cpu.yaml``'s data section.
 
     anomalib train --config configs/dpnr/cpu.yaml        # or the checkpoint benchmarks/run.py left in results/
     python benchmarks/dpnr_inference.py --ckpt results/Dpnr/MVTecAD/bottle/v0/weights/lightning/model.ckpt \\
-        --dataset bottle --csv benchmarks/results/dpnr_inference_bottle.csv
+        --dataset bottle --csv benchmarks/results/dpnr_inference_bottle.csv   # --ckpt A B C: several seeds
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 30
 WEIGHTS = [(1.0, 0.1), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)]  # (pixel_weight, feature_weight)
 SIGMAS = [2.0, 4.0]  # smoothing_sigma of the anomaly map
 COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "smoothing_sigma", "score_from", "split",
-           "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "checkpoint_setting"]  # fmt: skip
+           "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "checkpoint_setting", "checkpoint"]  # fmt: skip
 SETTING = COLUMNS[:5]  # the columns that name one way of reading the maps
+METRICS = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
 
 
 def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -75,14 +77,14 @@ def scores(model, pixel, feature, labels, masks, weights, score_from, sigma=None
     }
 
 
-def sweep(args: argparse.Namespace) -> list[dict]:
-    """Every setting's metrics on the validation and the test half."""
+def sweep(args: argparse.Namespace, ckpt: Path) -> list[dict]:
+    """Every setting's metrics on the validation and the test half, for one checkpoint."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from anomalib.data import MVTecAD
 
     from anomalib_dpnr import Dpnr
 
-    model = Dpnr.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
+    model = Dpnr.load_from_checkpoint(ckpt, map_location="cpu").eval()
     own = (model.model.inference_timesteps, (model.model.pixel_weight, model.model.feature_weight), model.model.scorer.sigma,
            model.model.score_from)  # fmt: skip
     sub, category, _ = DATASETS[args.dataset]
@@ -99,7 +101,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                     row = {"inference_timesteps": " ".join(map(str, timesteps)), "pixel_weight": weights[0],
                            "feature_weight": weights[1], "smoothing_sigma": sigma, "score_from": score_from, "split": split,
                            **scores(model, *computed, weights, score_from, sigma),
-                           "checkpoint_setting": (timesteps, weights, sigma, score_from) == own}  # fmt: skip
+                           "checkpoint_setting": (timesteps, weights, sigma, score_from) == own, "checkpoint": str(ckpt)}  # fmt: skip
                     rows.append(row)
                     print(row, flush=True)
     return rows
@@ -107,7 +109,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", type=Path, help="a Dpnr checkpoint (not needed with --render)")
+    parser.add_argument("--ckpt", type=Path, nargs="+", default=[], help="Dpnr checkpoint(s), e.g. one per model seed (not needed with --render)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="bottle")
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--csv", type=Path, required=True)
@@ -123,35 +125,52 @@ def main(argv: list[str] | None = None) -> int:
             rows = [{**row, **{c: float(row[c]) for c in numbers}, "checkpoint_setting": row["checkpoint_setting"] == "True"}
                     for row in csv.DictReader(file)]  # fmt: skip
     else:
-        if args.ckpt is None or not args.ckpt.is_file():
-            print(f"no checkpoint at {args.ckpt}: train one first (see this script's docstring)", file=sys.stderr)
+        missing = [str(ckpt) for ckpt in args.ckpt if not ckpt.is_file()] or ([] if args.ckpt else ["(none given)"])
+        if missing:
+            print(f"no checkpoint at {', '.join(missing)}: train one first (see this script's docstring)", file=sys.stderr)
             return 2
-        rows = sweep(args)
+        rows = [row for ckpt in args.ckpt for row in sweep(args, ckpt)]
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with args.csv.open("w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+    rows, count = mean_over_checkpoints(rows)
     val = [row for row in rows if row["split"] == "val"]
     best = max(val, key=lambda row: (row["pixel_AUROC"], row["image_AUROC"]))
     same = lambda row: all(row[c] == best[c] for c in SETTING)  # noqa: E731
     test = next(row for row in rows if row["split"] == "test" and same(row))
     mine = [row for row in rows if row["checkpoint_setting"]]
-    table = summary(rows, mine, best, test)
+    table = summary(rows, mine, best, test, count)
     print(table)
     for readme in args.readme:
         update_readme(readme, args.key, table, "python benchmarks/dpnr_inference.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
     return 0
 
 
-def summary(rows: list[dict], mine: list[dict], best: dict, test: dict) -> str:
+def mean_over_checkpoints(rows: list[dict]) -> tuple[list[dict], int]:
+    """One row per setting and split, metrics averaged over the checkpoints (rows without one count as one)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[c] for c in [*SETTING, "split"]), []).append(row)
+    count = max(len(group) for group in groups.values())
+    if any(len(group) != count for group in groups.values()):
+        msg = "every checkpoint must have been swept over the same settings"
+        raise ValueError(msg)
+    mean = lambda group, c: round(sum(r[c] for r in group) / len(group), 4)  # noqa: E731
+    return [{**group[0], **{c: mean(group, c) for c in METRICS},
+             "checkpoint_setting": all(r["checkpoint_setting"] for r in group)} for group in groups.values()], count  # fmt: skip
+
+
+def summary(rows: list[dict], mine: list[dict], best: dict, test: dict, count: int = 1) -> str:
     """Markdown: validation pixel AUROC per level set, smoothing and map terms; the checkpoint's and the best setting on val and test."""
     val = {tuple(r[c] for c in SETTING): r for r in rows if r["split"] == "val"}
     groups = list(dict.fromkeys((key[0], key[3]) for key in val))  # (levels, sigma)
     (p0, f0) = WEIGHTS[0]
     head = ["levels", "sigma", *(f"pixel AUROC {p:g} pix + {f:g} feat" for p, f in WEIGHTS),
             f"image AUROC (pixel score, {p0:g} pix + {f0:g} feat)", "image AUROC (map score)"]  # fmt: skip
-    lines = ["Validation half, by noise levels, map smoothing and map terms:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    over = f", mean over {count} checkpoints (model seeds)" if count > 1 else ""
+    lines = [f"Validation half, by noise levels, map smoothing and map terms{over}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, sigma in groups:
         cells = [str(val[(t, p, f, sigma, "pixel")]["pixel_AUROC"]) for p, f in WEIGHTS]
         cells += [str(val[(t, p0, f0, sigma, "pixel")]["image_AUROC"]), str(val[(t, p0, f0, sigma, "map")]["image_AUROC"])]

@@ -516,3 +516,35 @@ def test_inference_sweep_render_picks_the_best_validation_setting(tmp_path: Path
     assert "| best on val (pixel AUROC): levels 100, 1 pix + 0 feat, sigma 2, score from pixel | test | 0.5 | 0.9 | 0.3 |" in text
     assert "| checkpoint's own: levels 100 200, 1 pix + 1 feat, sigma 4, score from pixel | val |" in text
     assert sweep.main(["--csv", str(table), "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+
+
+def test_inference_sweep_chooses_on_the_mean_over_checkpoints(tmp_path: Path) -> None:
+    """With several checkpoints (seeds), a setting that wins on one seed only does not win on the mean."""
+    import csv
+
+    sweep = benchmark_script("dpnr_inference")
+    settings = [(t, w, 4.0, f) for t in ("100", "200") for w in sweep.WEIGHTS for f in ("pixel", "map")]
+    # with the first map terms: seed a "100" 0.95, "200" 0.90; seed b "100" 0.70, "200" 0.85 -> means 0.825 / 0.875
+    pixel = {("a", "100"): 0.95, ("a", "200"): 0.90, ("b", "100"): 0.70, ("b", "200"): 0.85}
+    rows = [{"inference_timesteps": t, "pixel_weight": w[0], "feature_weight": w[1], "smoothing_sigma": g, "score_from": f,
+             "split": split, "image_AUROC": 0.6 if f == "pixel" else 0.5,
+             "pixel_AUROC": pixel[ckpt, t] if w == sweep.WEIGHTS[0] else 0.5, "pixel_AUPRO": 0.3,
+             "checkpoint_setting": (t, w, f) == ("100", sweep.WEIGHTS[0], "pixel"), "checkpoint": ckpt}
+            for ckpt in "ab" for t, w, g, f in settings for split in ("val", "test")]  # fmt: skip
+    table = tmp_path / "sweep.csv"
+    with table.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=sweep.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    averaged, count = sweep.mean_over_checkpoints(rows)
+    assert count == 2 and len(averaged) == 2 * len(settings)
+    assert next(r for r in averaged if r["inference_timesteps"] == "200" and r["split"] == "val")["pixel_AUROC"] == 0.875
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:dpnr_inference -->\n<!-- /bench:dpnr_inference -->\n")
+    assert sweep.main(["--render", "--csv", str(table), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "mean over 2 checkpoints" in text
+    assert "| best on val (pixel AUROC): levels 200, 1 pix + 0.1 feat, sigma 4, score from pixel | test | 0.6 | 0.875 | 0.3 |" in text
+    assert "| checkpoint's own: levels 100, 1 pix + 0.1 feat, sigma 4, score from pixel | val | 0.6 | 0.825 | 0.3 |" in text
+    with pytest.raises(ValueError, match="same settings"):
+        sweep.mean_over_checkpoints(rows[:-1])
