@@ -78,7 +78,7 @@ class Dpnr(DiffusionAnomalyModule):
         nll_weight: Weight of DP-SNI's real-noise likelihood term (``InjectionLoss``).
         mask_weight: Weight of DP-SNI's foreground-attention term (``InjectionLoss``).
         kl_weight: Weight of DP-SNI's N(0, 1) prior on both parameterizers' Gaussians (``InjectionLoss``; chosen on
-            bottle's validation half: 1 over 0, see the README).
+            bottle's validation half over three seeds: 1 over 0, see the README).
         inference_timesteps: Noise levels whose one-step reconstructions are averaged.
         pixel_weight: Weight of the pixel discrepancy in the anomaly map.
         feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map.
