@@ -84,8 +84,10 @@ def run_job(
 ) -> list[dict]:
     """Fit then test one config on one dataset in this process; return its result row, then one row per ``retest``.
 
-    ``retest``: inference-only overrides (``"--model.inference_dtype bfloat16"``) tested again on the same trained
-    weights (checkpoint reloaded with them), for models that take every overridden argument.
+    ``retest``: inference-only overrides (``"--model.inference_dtype bfloat16"``, ``"--model.smoothing_sigma 6"``)
+    tested again on the same trained weights (checkpoint reloaded with them), for models that take every overridden
+    argument. The reloaded model is validated first, so its normalisation and thresholds are fitted on the validation
+    split with the overrides, as after training.
 
     ``data`` is ``{"kind": "mvtec", "root", "category"}`` or ``{"kind": "folder", "root", "name", "normal_dir",
     "abnormal_dir", "mask_dir"}``; batch sizes, workers and the validation split come from the config's ``data:``.
@@ -137,6 +139,7 @@ def run_job(
             continue
         checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
         again = type(model).load_from_checkpoint(checkpoint, **overrides)
+        engine.validate(model=again, datamodule=datamodule)  # normalisation and thresholds of this reading
         (metrics,) = engine.test(model=again, datamodule=datamodule)
         rows.append(row(f"{label} {text}", metrics, again))
     return rows
