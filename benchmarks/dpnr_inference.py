@@ -165,7 +165,8 @@ def mean_over_checkpoints(rows: list[dict]) -> tuple[list[dict], int]:
 def summary(rows: list[dict], mine: list[dict], best: dict, test: dict, count: int = 1) -> str:
     """Markdown: validation pixel AUROC per level set, smoothing and map terms; the checkpoint's and the best setting on val and test."""
     val = {tuple(r[c] for c in SETTING): r for r in rows if r["split"] == "val"}
-    groups = list(dict.fromkeys((key[0], key[3]) for key in val))  # (levels, sigma)
+    levels = list(dict.fromkeys(key[0] for key in val))
+    groups = sorted(dict.fromkeys((key[0], key[3]) for key in val), key=lambda g: (levels.index(g[0]), g[1]))  # (levels, sigma)
     (p0, f0) = WEIGHTS[0]
     head = ["levels", "sigma", *(f"pixel AUROC {p:g} pix + {f:g} feat" for p, f in WEIGHTS),
             f"image AUROC (pixel score, {p0:g} pix + {f0:g} feat)", "image AUROC (map score)"]  # fmt: skip
