@@ -37,7 +37,7 @@ SIGMAS = [2.0, 4.0]  # smoothing_sigma of the anomaly map
 COLUMNS = ["inference_timesteps", "pixel_weight", "feature_weight", "smoothing_sigma", "score_from", "split",
            "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "checkpoint_setting", "checkpoint"]  # fmt: skip
 SETTING = COLUMNS[:5]  # the columns that name one way of reading the maps
-METRICS = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+METRICS = COLUMNS[6:9]  # image_AUROC, pixel_AUROC, pixel_AUPRO
 
 
 def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         with args.csv.open() as file:
-            numbers = ["pixel_weight", "feature_weight", "smoothing_sigma", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+            numbers = ["pixel_weight", "feature_weight", "smoothing_sigma", *METRICS]
             rows = [{**row, **{c: float(row[c]) for c in numbers}, "checkpoint_setting": row["checkpoint_setting"] == "True"}
                     for row in csv.DictReader(file)]  # fmt: skip
     else:
