@@ -42,11 +42,10 @@ METRICS = COLUMNS[6:9]  # image_AUROC, pixel_AUROC, pixel_AUPRO
 
 def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """Pixel and feature discrepancy maps, labels and masks (at the model's input size) over a dataloader."""
-    model.model.feature_weight = 1.0  # non-zero, so mean_discrepancy computes the feature term (scores() weighs it)
     pixel, feature, labels, masks = [], [], [], []
     for batch in loader:
         images = model.pre_processor.transform(batch.image)
-        p, f = model.model.mean_discrepancy(images)
+        p, f = model.model.mean_discrepancy(images, features=True)  # scores() weighs the terms
         pixel.append(p), feature.append(f), labels.append(batch.gt_label)
         masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
     return torch.cat(pixel), torch.cat(feature), torch.cat(labels), torch.cat(masks)

@@ -249,6 +249,29 @@ def test_run_quick_compares_every_model_with_baselines(tmp_path: Path) -> None:
     assert text.startswith("intro\n") and text.endswith("end\n")
 
 
+def test_retest_fits_its_own_reading_on_the_validation_split(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retest that changes the reading (here the map smoothing) is validated before it is tested, so its
+    normalisation, thresholds and fitted map weight are its own and not the trained reading's."""
+    from anomalib.engine import Engine
+
+    from anomalib_dpnr.cli import quick_args
+    from anomalib_dpnr.config_files import config_path
+
+    order = []
+    for name in ("validate", "test"):
+        original = getattr(Engine, name)
+        monkeypatch.setattr(Engine, name, lambda self, *a, _f=original, _n=name, **k: order.append((_n, k["model"])) or _f(self, *a, **k))
+    config = str(config_path("dpnr/cpu"))
+    data = {"kind": "mvtec", "root": str(tiny_dataset), "category": "woven"}
+    extra = [*quick_args(config), "--data.num_workers", "0"]
+    trained, retested = bench.run_job(config, data, extra, seed=0, split_seed=0, retest=["--model.smoothing_sigma 1"])
+    assert retested["config"].endswith("--model.smoothing_sigma 1") and trained["train_seconds"] == retested["train_seconds"]
+    calls = [(name, model.model.scorer.sigma) for name, model in order]
+    assert calls[-2:] == [("validate", 1), ("test", 1)]  # the retested model: validated, then tested
+    again = order[-1][1]
+    assert again is order[-2][1] and again.post_processor.image_threshold != order[0][1].post_processor.image_threshold
+
+
 def folder_dataset(root: Path, tiny_dataset: Path) -> Path:
     """The tiny dataset rearranged as anomalib ``Folder`` data: good/, defect/, masks/ (same file names)."""
     import shutil

@@ -548,3 +548,67 @@ def test_inference_sweep_chooses_on_the_mean_over_checkpoints(tmp_path: Path) ->
     assert "| checkpoint's own: levels 100, 1 pix + 0.1 feat, sigma 4, score from pixel | val | 0.6 | 0.825 | 0.3 |" in text
     with pytest.raises(ValueError, match="same settings"):
         sweep.mean_over_checkpoints(rows[:-1])
+
+
+# --- the map's feature weight, chosen on the validation split ------------------------------------------------
+def test_weight_choice_follows_the_validation_masks() -> None:
+    from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_aurocs
+
+    masks = torch.zeros(4, 1, 16, 16, dtype=torch.bool)
+    masks[:, :, 4:9, 4:9] = True
+    base = torch.rand(masks.shape, generator=torch.Generator().manual_seed(0)) * 2 + masks.float()  # separates partly
+    choices = (0.0, 0.1, 1.0)
+    assert best_weight(weight_aurocs(base, masks.float(), masks, choices)) == 1.0  # a term that marks the defects
+    assert best_weight(weight_aurocs(base, -5 * masks.float(), masks, choices)) == 0.0  # one that hides them
+    assert best_weight(weight_aurocs(base, torch.zeros_like(base), masks, (0.1, 0.0, 1.0))) == 0.1  # ties: first listed
+    with pytest.raises(ValueError, match="both anomalous and normal"):
+        weight_aurocs(base, base, torch.zeros_like(masks), choices)
+    for bad in ([0.1], [0.1, 0.1], [-1.0, 0.0]):
+        with pytest.raises(ValueError, match="feature_weight_choices"):
+            check_weights(bad, "feature_weight_choices")
+
+
+def test_feature_weight_is_fitted_on_the_validation_split_and_saved(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from sklearn.metrics import roc_auc_score
+
+    choices = (0.0, 0.1, 1.0)
+    module = _built(feature_weight=0.5, feature_weight_choices=choices)
+    data = MVTecAD(root=tiny_dataset, category="woven", eval_batch_size=4, num_workers=0, val_split_mode="from_test", val_split_ratio=0.5, seed=0)
+    data.setup()
+    model = module.eval().model
+    terms, masks = [], []
+    with torch.no_grad():  # the choice, computed here from the validation maps and sklearn's AUROC
+        for batch in data.val_dataloader():
+            images, gt_mask = module.pre_processor.transform(batch.image, batch.gt_mask)
+            terms.append([model.scorer.blur(t) for t in model.mean_discrepancy(images, features=True)])
+            masks.append(gt_mask.flatten())
+    pixel, feature = (torch.cat(t).flatten() for t in zip(*terms, strict=True))
+    labels = torch.cat(masks).numpy()
+    expected = max(choices, key=lambda w: roc_auc_score(labels, (pixel + w * feature).numpy()))
+
+    calls = []
+    discrepancy = model.mean_discrepancy
+    monkeypatch.setattr(model, "mean_discrepancy", lambda *a, **k: calls.append(k) or discrepancy(*a, **k))
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine.validate(model=module, datamodule=data)
+    assert module.model.feature_weight == expected
+    assert len(calls) == len(data.val_dataloader())  # validation scored the kept maps instead of computing them again
+
+    path = tmp_path / "dpnr.ckpt"
+    engine.trainer.save_checkpoint(path)
+    assert Dpnr.load_from_checkpoint(path).model.feature_weight == expected
+    fixed = Dpnr.load_from_checkpoint(path, feature_weight=0.5, feature_weight_choices=None)
+    assert fixed.model.feature_weight == 0.5  # without choices the configured weight stands
+
+
+def test_feature_weight_stays_without_validation_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib.data import ImageBatch
+
+    module = _built(feature_weight=0.5).eval()
+    batches = [ImageBatch(image=_images(2), gt_label=torch.zeros(2, dtype=torch.bool), image_path=["a.png", "b.png"])]
+    monkeypatch.setattr(module, "validation_batches", lambda: iter(batches))
+    with pytest.warns(UserWarning, match="feature_weight stays 0.5"):
+        module.fit_feature_weight()
+    assert module.model.feature_weight == 0.5

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning_utilities.core.imports import module_available
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
@@ -34,6 +35,15 @@ def is_channels_last(value: object) -> bool:
         isinstance(value, torch.Tensor) and value.dim() == 4 and not value.is_contiguous()
         and value.is_contiguous(memory_format=torch.channels_last)
     )  # fmt: skip
+
+
+def non_persistent_buffers(module: nn.Module) -> set[str]:
+    """Full names of ``module``'s non-persistent buffers (older checkpoints may hold them)."""
+    return {
+        f"{name}.{buffer}" if name else buffer
+        for name, child in module.named_modules()
+        for buffer in child._non_persistent_buffers_set  # noqa: SLF001 (torch keeps the set on each module)
+    }
 
 
 class DiffusionAnomalyModule(AnomalibModule):
@@ -129,6 +139,9 @@ class DiffusionAnomalyModule(AnomalibModule):
         """Refuse a checkpoint of another model by name (``check_checkpoint_model``). Weights saved channels-last (a
         CPU run) load channels-last, so the reloaded model reproduces the saved one bit for bit."""
         check_checkpoint_model(checkpoint, type(self).__name__, set(self.state_dict()))
+        if "state_dict" in checkpoint:  # buffers derived from arguments (blur kernels) are rebuilt, not loaded
+            derived = non_persistent_buffers(self)
+            checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key not in derived}
         super().on_load_checkpoint(checkpoint)
         self.set_inference_dtype(self.autocast_dtype)
         if any(is_channels_last(value) for value in checkpoint.get("state_dict", {}).values()):
@@ -191,6 +204,18 @@ class DiffusionAnomalyModule(AnomalibModule):
             images = self.pre_processor.transform(images) if self.pre_processor else images
             check_images(images, 3, getattr(self.model, "size_multiple", 1), f"{name} (fitting from the training images)")
             yield images
+
+    def validation_batches(self) -> Iterator[Batch]:
+        """The running validation's batches, on the model's device and pre-processed exactly as ``validation_step``
+        receives them (for a reading fitted on the validation split before its batches are scored)."""
+        loaders = self.trainer.val_dataloaders
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            for batch in loader:
+                batch.image = batch.image.to(self.device)
+                batch.gt_mask = None if batch.gt_mask is None else batch.gt_mask.to(self.device)
+                if self.pre_processor and self.pre_processor.transform:
+                    batch.image, batch.gt_mask = self.pre_processor.transform(batch.image, batch.gt_mask)
+                yield batch
 
     def fitting_data(self, what: str) -> Dataset:
         """The fitting datamodule's ``train_data``, or a clear error naming ``what`` needs it."""

@@ -126,8 +126,8 @@ def diffusion_evaluator() -> Evaluator:
 def gaussian_blur(sigma: float, channels: int = 1) -> nn.Module:
     """anomalib's ``GaussianBlur2d`` with a ``4 sigma`` radius, or ``Identity`` for ``sigma = 0``.
 
-    Its per-channel kernel is an expanded view, which ``load_state_dict`` cannot write into; it is
-    made contiguous here so checkpoints reload.
+    Its kernel follows from ``sigma`` (a constructor argument), so it is a non-persistent buffer: a checkpoint
+    reloaded with another sigma (``load_from_checkpoint(path, smoothing_sigma=8)``) gets the kernel of that sigma.
     """
     if sigma < 0:
         msg = f"Gaussian sigma must be >= 0, got {sigma}"
@@ -135,7 +135,7 @@ def gaussian_blur(sigma: float, channels: int = 1) -> nn.Module:
     if sigma == 0:
         return nn.Identity()
     blur = GaussianBlur2d(sigma=sigma, channels=channels, kernel_size=2 * int(4.0 * sigma + 0.5) + 1)
-    blur.kernel = blur.kernel.contiguous()
+    blur.register_buffer("kernel", blur.kernel.contiguous(), persistent=False)
     return blur
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -16,7 +17,9 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from anomalib_dpnr.components import (
@@ -26,11 +29,14 @@ from anomalib_dpnr.components import (
     from_unit_range,
     to_unit_range,
 )
+from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_aurocs
 
 from .loss import EpsilonLoss, InjectionLoss, RHNLoss
 from .torch_model import DpnrModel
 
 __all__ = ["Dpnr"]
+
+FEATURE_WEIGHT_KEY = "dpnr_feature_weight"  # checkpoint entry of the fitted feature_weight
 
 
 class Dpnr(DiffusionAnomalyModule):
@@ -81,7 +87,11 @@ class Dpnr(DiffusionAnomalyModule):
             bottle's validation half over three seeds: 1 over 0, see the README).
         inference_timesteps: Noise levels whose one-step reconstructions are averaged.
         pixel_weight: Weight of the pixel discrepancy in the anomaly map.
-        feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map.
+        feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map (used as given when
+            ``feature_weight_choices`` is null or the validation split has no anomalous pixels).
+        feature_weight_choices: Weights ``feature_weight`` is chosen from on the validation split, like the
+            thresholds: the one whose map has the highest pixel AUROC on the validation masks (saved in the
+            checkpoint); null keeps ``feature_weight``. The paper gives no weight; see the README.
         top_k: Pixels averaged into the image score.
         score_from: Map whose top-k mean is the image score: ``"pixel"`` (the pixel discrepancy alone) or
             ``"map"`` (the anomaly map); ``benchmarks/dpnr_inference.py`` compares both on a checkpoint.
@@ -144,6 +154,7 @@ class Dpnr(DiffusionAnomalyModule):
         inference_timesteps: Sequence[int] = (100, 200, 300),
         pixel_weight: float = 1.0,
         feature_weight: float = 0.1,
+        feature_weight_choices: Sequence[float] | None = (0.0, 0.1, 1.0),
         top_k: int = 50,
         score_from: str = "pixel",
         smoothing_sigma: float = 4.0,
@@ -220,6 +231,8 @@ class Dpnr(DiffusionAnomalyModule):
         }
         self.generator = SyntheticAnomalyGenerator(probability=anomaly_probability, **generator_args)
         self.repository_generator = SyntheticAnomalyGenerator(probability=1.0, **generator_args)
+        self.feature_weight_choices = check_weights(feature_weight_choices, "feature_weight_choices")
+        self._validation_maps: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.repository_images = repository_images
         self.repository_seed = repository_seed
         self.learning_rate = learning_rate
@@ -263,6 +276,65 @@ class Dpnr(DiffusionAnomalyModule):
                 foreground.append(fg.cpu())
                 background.append(bg.cpu())
         self.model.build_repository(torch.cat(foreground), torch.cat(background))
+
+    # --- the map's feature weight, fitted on the validation split --------------------------------------------
+    def on_validation_start(self) -> None:
+        """Choose ``feature_weight`` from ``feature_weight_choices`` on the validation split before it is scored."""
+        super().on_validation_start()
+        self._validation_maps = {}
+        if self.feature_weight_choices and not self.trainer.sanity_checking:
+            self.fit_feature_weight()
+
+    @torch.no_grad()
+    def fit_feature_weight(self) -> None:
+        """Pixel AUROC of every choice on the validation masks (mean over DDP ranks); the best becomes
+        ``feature_weight``. The term maps are kept so ``validation_step`` does not compute them again."""
+        model = self.model
+        pixels, features, masks = [], [], []
+        for batch in self.validation_batches():
+            pixel, feature = model.mean_discrepancy(batch.image, features=True)
+            if batch.image_path is not None:
+                self._validation_maps[tuple(batch.image_path)] = (pixel, feature)
+            if batch.gt_mask is not None:
+                pixels.append(model.scorer.blur(pixel)), features.append(model.scorer.blur(feature))
+                masks.append(F.interpolate(batch.gt_mask.float().view(-1, 1, *batch.gt_mask.shape[-2:]), size=pixel.shape[-2:]) > 0.5)
+        masks = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+        if not masks.any() or masks.all():
+            rank_zero_warn(
+                f"Dpnr: the validation split has no masks with both anomalous and normal pixels, so feature_weight stays "
+                f"{model.feature_weight} (feature_weight_choices needs anomalous validation images with masks)"
+            )
+            return
+        aurocs = weight_aurocs(torch.cat(pixels), torch.cat(features), masks, self.feature_weight_choices)
+        mean = self.trainer.strategy.reduce(torch.tensor(list(aurocs.values()), device=self.device), reduce_op="mean")
+        aurocs = dict(zip(aurocs, mean.tolist(), strict=True))
+        model.feature_weight = best_weight(aurocs)
+        shown = ", ".join(f"{w:g}: {a:.4f}" for w, a in aurocs.items())
+        rank_zero_info(f"Dpnr: feature_weight {model.feature_weight:g} chosen on the validation split (pixel AUROC {shown})")
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Maps and scores with the chosen ``feature_weight`` (term maps from ``fit_feature_weight`` where kept)."""
+        del args, kwargs
+        kept = self._validation_maps.pop(tuple(batch.image_path), None) if batch.image_path is not None else None
+        if kept is None:
+            return batch.update(**self.model(batch.image)._asdict())
+        return batch.update(**self.model.score_maps(*kept)._asdict())
+
+    def on_validation_end(self) -> None:
+        """Drop term maps no batch asked for."""
+        super().on_validation_end()
+        self._validation_maps = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the fitted ``feature_weight`` with the weights."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[FEATURE_WEIGHT_KEY] = self.model.feature_weight
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the ``feature_weight`` fitted on the validation split (when it is one of the choices)."""
+        super().on_load_checkpoint(checkpoint)
+        if self.feature_weight_choices and FEATURE_WEIGHT_KEY in checkpoint:
+            self.model.feature_weight = float(checkpoint[FEATURE_WEIGHT_KEY])
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Synthesise ``x_a``, inject structured noise into ``z_syn(t)``, RHN-Loss (Fig. 2)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from anomalib_dpnr.components import (
     AnomalyScorer,
@@ -205,14 +205,19 @@ class DpnrModel(nn.Module):
         return self.codec.decode(self.schedule.predict_x0(noisy, predicted, timesteps)).clamp(-1, 1)
 
     def discrepancy(
-        self, images: torch.Tensor, reconstruction: torch.Tensor, image_maps: list[torch.Tensor] | None = None
+        self,
+        images: torch.Tensor,
+        reconstruction: torch.Tensor,
+        image_maps: list[torch.Tensor] | None = None,
+        features: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine-distance maps ``[B, 1, H, W]`` (zero if weighted 0).
+        """Pixel L1 (in ``[0, 1]`` units) and ``Phi`` cosine-distance maps ``[B, 1, H, W]``.
 
         ``image_maps``: ``Phi``'s layer maps of the inputs if already computed (see ``feature_distance_map``).
+        ``features``: compute the feature term (default: only if it is weighted; else it is zero).
         """
         pixel = (images - reconstruction).abs().mean(dim=1, keepdim=True) / 2
-        if not self.feature_weight:
+        if not (bool(self.feature_weight) if features is None else features):
             return pixel, torch.zeros_like(pixel)
         return pixel, feature_distance_map(self.embedder, images, reconstruction, image_maps)
 
@@ -251,18 +256,20 @@ class DpnrModel(nn.Module):
         return output
 
     @torch.no_grad()
-    def mean_discrepancy(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_discrepancy(self, images: torch.Tensor, features: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel and ``Phi`` discrepancy maps of one-step reconstructions, averaged over the inference levels.
 
         ``Phi`` of the input and DP-SNI's parameters are computed once; the levels share one denoiser pass.
+        ``features``: compute the feature term (default: only if it is weighted; else it is zero).
         """
+        features = bool(self.feature_weight) if features is None else features
         batch, levels = images.shape[0], len(self.inference_timesteps)
         latents = self.codec.encode(images)
         noise = torch.cat(self.level_noises(images, latents))
         timesteps = torch.tensor(self.inference_timesteps, device=images.device).repeat_interleave(batch)
         reconstruction = self.reconstruct(latents.repeat(levels, 1, 1, 1), noise, timesteps)
-        image_maps = self.embedder.layer_maps(images) if self.feature_weight else None
-        pixel, feature = self.discrepancy(images.repeat(levels, 1, 1, 1), reconstruction, image_maps)
+        image_maps = self.embedder.layer_maps(images) if features else None
+        pixel, feature = self.discrepancy(images.repeat(levels, 1, 1, 1), reconstruction, image_maps, features)
         return tuple(m.view(levels, batch, *m.shape[1:]).mean(dim=0) for m in (pixel, feature))  # type: ignore[return-value]
 
     @torch.no_grad()

@@ -1,0 +1,56 @@
+"""How much an anomaly map's second term weighs, chosen on the validation split's ground-truth masks.
+
+A map ``base + w * extra`` (e.g. pixel and feature discrepancy) has no weight ``w`` that suits every product: a
+feature distance that separates defects on objects can rank a texture's normal grain above its defects. The weight
+is therefore fitted like the thresholds: on the validation split, never on the scored test images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+__all__ = ["best_weight", "check_weights", "pixel_auroc", "weight_aurocs"]
+
+
+def check_weights(weights: Sequence[float] | None, name: str) -> tuple[float, ...] | None:
+    """``weights`` as a tuple of distinct non-negative numbers (``None``: nothing to choose), or a clear error."""
+    if weights is None:
+        return None
+    values = tuple(float(w) for w in weights)
+    if len(values) < 2 or len(set(values)) != len(values) or min(values) < 0:
+        msg = f"{name} must list at least two distinct weights >= 0 to choose from (or be null), got {list(weights)}"
+        raise ValueError(msg)
+    return values
+
+
+def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor, max_pixels: int = 4_000_000) -> float:
+    """Pixel AUROC of ``maps`` against boolean ``masks`` of the same shape (every ``n``-th pixel past ``max_pixels``)."""
+    scores, labels = maps.flatten().float(), masks.flatten().long()
+    step = max(1, -(-scores.numel() // max_pixels))
+    return float(binary_auroc(scores[::step], labels[::step]))
+
+
+def weight_aurocs(
+    base: torch.Tensor, extra: torch.Tensor, masks: torch.Tensor, weights: Sequence[float]
+) -> dict[float, float]:
+    """Pixel AUROC on ``masks`` of the map ``base + w * extra`` for every ``w`` in ``weights``.
+
+    ``base``/``extra``: smoothed term maps ``[N, 1, H, W]`` (smoothing is linear, so smoothing each term once equals
+    smoothing every combination); ``masks``: ``[N, 1, H, W]`` booleans with anomalous and normal pixels.
+    """
+    if base.shape != extra.shape or base.shape != masks.shape:
+        msg = f"term maps and masks must have one shape, got {tuple(base.shape)}, {tuple(extra.shape)}, {tuple(masks.shape)}"
+        raise ValueError(msg)
+    if not masks.any() or masks.all():
+        msg = "choosing a map weight needs validation masks with both anomalous and normal pixels"
+        raise ValueError(msg)
+    return {float(w): pixel_auroc(base + w * extra, masks) for w in weights}
+
+
+def best_weight(aurocs: dict[float, float]) -> float:
+    """The weight with the highest AUROC; ties go to the one listed first."""
+    order = list(aurocs)
+    return max(order, key=lambda w: (aurocs[w], -order.index(w)))
