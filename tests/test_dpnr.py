@@ -432,6 +432,25 @@ def test_checkpoint_reload_restores_repository_and_predictions(tmp_path: Path) -
     assert torch.equal(a.pred_score, b.pred_score) and torch.equal(a.anomaly_map, b.anomaly_map)
 
 
+def test_checkpoint_reloads_with_another_smoothing_and_with_saved_blur_kernels(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    module = _built().eval()
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(module)
+    path = tmp_path / "dpnr.ckpt"
+    trainer.save_checkpoint(path)
+    assert not any(key.endswith("blur.kernel") for key in torch.load(path, weights_only=False)["state_dict"])
+    smoother = Dpnr.load_from_checkpoint(path, smoothing_sigma=8.0)
+    assert smoother.model.scorer.blur.kernel.shape[-1] == 65  # the kernel of the new sigma, not the saved one
+    checkpoint = torch.load(path, weights_only=False)  # as older checkpoints were: blur kernels saved with the weights
+    checkpoint["state_dict"]["model.scorer.blur.kernel"] = module.model.scorer.blur.kernel
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    reloaded = Dpnr.load_from_checkpoint(tmp_path / "old.ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(_images(2)).anomaly_map, module(_images(2)).anomaly_map)
+
+
 def test_missing_backbone_weights_say_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(MissingWeightsError, match="anomalib-dpnr weights install efficientnet_lite0"):
