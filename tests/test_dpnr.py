@@ -571,25 +571,42 @@ def test_inference_sweep_chooses_on_the_mean_over_checkpoints(tmp_path: Path) ->
 
 # --- the map's feature weight, chosen on the validation split ------------------------------------------------
 def test_weight_choice_follows_the_validation_masks() -> None:
-    from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_aurocs
+    from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_scores
 
     masks = torch.zeros(4, 1, 16, 16, dtype=torch.bool)
     masks[:, :, 4:9, 4:9] = True
     base = torch.rand(masks.shape, generator=torch.Generator().manual_seed(0)) * 2 + masks.float()  # separates partly
     choices = (0.0, 0.1, 1.0)
-    assert best_weight(weight_aurocs(base, masks.float(), masks, choices)) == 1.0  # a term that marks the defects
-    assert best_weight(weight_aurocs(base, -5 * masks.float(), masks, choices)) == 0.0  # one that hides them
-    assert best_weight(weight_aurocs(base, torch.zeros_like(base), masks, (0.1, 0.0, 1.0))) == 0.1  # ties: first listed
+    assert best_weight(weight_scores(base, masks.float(), masks, choices)) == 1.0  # a term that marks the defects
+    assert best_weight(weight_scores(base, -5 * masks.float(), masks, choices)) == 0.0  # one that hides them
+    assert best_weight(weight_scores(base, torch.zeros_like(base), masks, (0.1, 0.0, 1.0))) == 0.1  # ties: first listed
     with pytest.raises(ValueError, match="both anomalous and normal"):
-        weight_aurocs(base, base, torch.zeros_like(masks), choices)
+        weight_scores(base, base, torch.zeros_like(masks), choices)
     for bad in ([0.1], [0.1, 0.1], [-1.0, 0.0]):
         with pytest.raises(ValueError, match="feature_weight_choices"):
             check_weights(bad, "feature_weight_choices")
 
 
+def test_weight_choice_does_not_trade_small_defects_for_pixel_auroc() -> None:
+    """A term that lights up one large defect and hides three small ones raises pixel AUROC (pixel-weighted) but
+    lowers PRO (region-weighted): it is not chosen."""
+    from anomalib_dpnr.components.term_weights import best_weight, weight_scores
+
+    large, small = torch.zeros(4, 1, 32, 32), torch.zeros(4, 1, 32, 32)
+    large[0, :, 4:24, 4:24] = 1
+    for i in (1, 2, 3):
+        small[i, :, 10:12, 10:12] = 1
+    masks = (large + small) > 0
+    base = torch.rand(masks.shape, generator=torch.Generator().manual_seed(0)) + 0.5 * masks.float()
+    scores = weight_scores(base, large - 3 * small, masks, (0.0, 1.0))
+    assert scores[1.0][0] > scores[0.0][0] and scores[1.0][1] < scores[0.0][1]  # AUROC up, PRO down
+    assert best_weight(scores) == 0.0
+
+
 def test_feature_weight_is_fitted_on_the_validation_split_and_saved(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from anomalib.data import MVTecAD
     from anomalib.engine import Engine
+    from anomalib.metrics.aupro import _AUPRO
     from sklearn.metrics import roc_auc_score
 
     choices = (0.0, 0.1, 1.0)
@@ -603,9 +620,15 @@ def test_feature_weight_is_fitted_on_the_validation_split_and_saved(tiny_dataset
             images, gt_mask = module.pre_processor.transform(batch.image, batch.gt_mask)
             terms.append([model.scorer.blur(t) for t in model.mean_discrepancy(images, features=True)])
             masks.append(gt_mask.flatten())
-    pixel, feature = (torch.cat(t).flatten() for t in zip(*terms, strict=True))
-    labels = torch.cat(masks).numpy()
-    expected = max(choices, key=lambda w: roc_auc_score(labels, (pixel + w * feature).numpy()))
+    pixel, feature = (torch.cat(t) for t in zip(*terms, strict=True))
+    masks = torch.cat(masks).view(pixel.shape).bool()
+
+    def localisation(weight: float) -> float:  # pixel AUROC (sklearn's) + PRO (anomalib's, as its evaluator)
+        pro = _AUPRO()
+        pro.update((pixel + weight * feature)[:, 0], masks[:, 0].int())
+        return roc_auc_score(masks.flatten().numpy(), (pixel + weight * feature).flatten().numpy()) + float(pro.compute())
+
+    expected = max(choices, key=localisation)
 
     calls = []
     discrepancy = model.mean_discrepancy

@@ -1,5 +1,8 @@
 """How much an anomaly map's second term weighs, chosen on the validation split's ground-truth masks.
 
+The criterion is the sum of the two localisation metrics the evaluator reports, pixel AUROC and PRO: a weight that
+gains a little pixel AUROC by washing out small defects (PRO) is not chosen.
+
 A map ``base + w * extra`` (e.g. pixel and feature discrepancy) has no weight ``w`` that suits every product: a
 feature distance that separates defects on objects can rank a texture's normal grain above its defects. The weight
 is therefore fitted like the thresholds: on the validation split, never on the scored test images.
@@ -10,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from anomalib.metrics.aupro import _AUPRO
 from torchmetrics.functional.classification import binary_auroc
 
-__all__ = ["best_weight", "check_weights", "pixel_auroc", "weight_aurocs"]
+__all__ = ["best_weight", "check_weights", "pixel_auroc", "pixel_pro", "weight_scores"]
 
 
 def check_weights(weights: Sequence[float] | None, name: str) -> tuple[float, ...] | None:
@@ -33,10 +37,18 @@ def pixel_auroc(maps: torch.Tensor, masks: torch.Tensor, max_pixels: int = 4_000
     return float(binary_auroc(scores[::step], labels[::step]))
 
 
-def weight_aurocs(
+def pixel_pro(maps: torch.Tensor, masks: torch.Tensor) -> float:
+    """PRO (area under the per-region overlap curve up to 30% false positives) of ``[N, 1, H, W]`` maps, as
+    anomalib's evaluator computes it."""
+    metric = _AUPRO()
+    metric.update(maps[:, 0].float().cpu(), masks[:, 0].int().cpu())
+    return float(metric.compute())
+
+
+def weight_scores(
     base: torch.Tensor, extra: torch.Tensor, masks: torch.Tensor, weights: Sequence[float]
-) -> dict[float, float]:
-    """Pixel AUROC on ``masks`` of the map ``base + w * extra`` for every ``w`` in ``weights``.
+) -> dict[float, tuple[float, float]]:
+    """Pixel AUROC and PRO on ``masks`` of the map ``base + w * extra`` for every ``w`` in ``weights``.
 
     ``base``/``extra``: smoothed term maps ``[N, 1, H, W]`` (smoothing is linear, so smoothing each term once equals
     smoothing every combination); ``masks``: ``[N, 1, H, W]`` booleans with anomalous and normal pixels.
@@ -47,10 +59,10 @@ def weight_aurocs(
     if not masks.any() or masks.all():
         msg = "choosing a map weight needs validation masks with both anomalous and normal pixels"
         raise ValueError(msg)
-    return {float(w): pixel_auroc(base + w * extra, masks) for w in weights}
+    return {float(w): (pixel_auroc(base + w * extra, masks), pixel_pro(base + w * extra, masks)) for w in weights}
 
 
-def best_weight(aurocs: dict[float, float]) -> float:
-    """The weight with the highest AUROC; ties go to the one listed first."""
-    order = list(aurocs)
-    return max(order, key=lambda w: (aurocs[w], -order.index(w)))
+def best_weight(scores: dict[float, tuple[float, float]]) -> float:
+    """The weight with the highest pixel AUROC + PRO (the two localisation metrics); ties go to the one listed first."""
+    order = list(scores)
+    return max(order, key=lambda w: (sum(scores[w]), -order.index(w)))

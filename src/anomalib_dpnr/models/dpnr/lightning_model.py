@@ -29,7 +29,7 @@ from anomalib_dpnr.components import (
     from_unit_range,
     to_unit_range,
 )
-from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_aurocs
+from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_scores
 
 from .loss import EpsilonLoss, InjectionLoss, RHNLoss
 from .torch_model import DpnrModel
@@ -90,7 +90,7 @@ class Dpnr(DiffusionAnomalyModule):
         feature_weight: Weight of the ``Phi`` feature discrepancy in the anomaly map (used as given when
             ``feature_weight_choices`` is null or the validation split has no anomalous pixels).
         feature_weight_choices: Weights ``feature_weight`` is chosen from on the validation split, like the
-            thresholds: the one whose map has the highest pixel AUROC on the validation masks (saved in the
+            thresholds: the one whose map has the highest pixel AUROC + PRO on the validation masks (saved in the
             checkpoint); null keeps ``feature_weight``. The paper gives no weight; see the README.
         top_k: Pixels averaged into the image score.
         score_from: Map whose top-k mean is the image score: ``"pixel"`` (the pixel discrepancy alone) or
@@ -287,8 +287,8 @@ class Dpnr(DiffusionAnomalyModule):
 
     @torch.no_grad()
     def fit_feature_weight(self) -> None:
-        """Pixel AUROC of every choice on the validation masks (mean over DDP ranks); the best becomes
-        ``feature_weight``. The term maps are kept so ``validation_step`` does not compute them again."""
+        """Pixel AUROC and PRO of every choice on the validation masks (means over DDP ranks); the one with the
+        highest sum becomes ``feature_weight``. The term maps are kept so ``validation_step`` does not compute them again."""
         model = self.model
         pixels, features, masks = [], [], []
         for batch in self.validation_batches():
@@ -305,12 +305,12 @@ class Dpnr(DiffusionAnomalyModule):
                 f"{model.feature_weight} (feature_weight_choices needs anomalous validation images with masks)"
             )
             return
-        aurocs = weight_aurocs(torch.cat(pixels), torch.cat(features), masks, self.feature_weight_choices)
-        mean = self.trainer.strategy.reduce(torch.tensor(list(aurocs.values()), device=self.device), reduce_op="mean")
-        aurocs = dict(zip(aurocs, mean.tolist(), strict=True))
-        model.feature_weight = best_weight(aurocs)
-        shown = ", ".join(f"{w:g}: {a:.4f}" for w, a in aurocs.items())
-        rank_zero_info(f"Dpnr: feature_weight {model.feature_weight:g} chosen on the validation split (pixel AUROC {shown})")
+        scores = weight_scores(torch.cat(pixels), torch.cat(features), masks, self.feature_weight_choices)
+        mean = self.trainer.strategy.reduce(torch.tensor(list(scores.values()), device=self.device), reduce_op="mean")
+        scores = {weight: tuple(values) for weight, values in zip(scores, mean.tolist(), strict=True)}
+        model.feature_weight = best_weight(scores)
+        shown = ", ".join(f"{w:g}: {a:.4f} / {p:.4f}" for w, (a, p) in scores.items())
+        rank_zero_info(f"Dpnr: feature_weight {model.feature_weight:g} chosen on the validation split (pixel AUROC / PRO {shown})")
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Maps and scores with the chosen ``feature_weight`` (term maps from ``fit_feature_weight`` where kept)."""
