@@ -416,14 +416,19 @@ def test_rhn_loss_off_uses_the_standard_epsilon_loss() -> None:
 
 
 # --- checkpoints, weights, latent space ---------------------------------------------------------
-def test_checkpoint_reload_restores_repository_and_predictions(tmp_path: Path) -> None:
+def _saved(module: Dpnr, path: Path) -> Path:
+    """``module`` written to ``path`` as a Lightning checkpoint (what ``fit`` writes)."""
     from lightning.pytorch import Trainer
 
-    module = _built().eval()
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(module)
-    path = tmp_path / "dpnr.ckpt"
     trainer.save_checkpoint(path)
+    return path
+
+
+def test_checkpoint_reload_restores_repository_and_predictions(tmp_path: Path) -> None:
+    module = _built().eval()
+    path = _saved(module, tmp_path / "dpnr.ckpt")
     reloaded = Dpnr.load_from_checkpoint(path).eval()
     for name in ("foreground", "background"):
         assert torch.equal(getattr(reloaded.model.repository, name).prototypes, getattr(module.model.repository, name).prototypes)
@@ -433,13 +438,8 @@ def test_checkpoint_reload_restores_repository_and_predictions(tmp_path: Path) -
 
 
 def test_checkpoint_reloads_with_another_smoothing_and_with_saved_blur_kernels(tmp_path: Path) -> None:
-    from lightning.pytorch import Trainer
-
     module = _built().eval()
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.strategy.connect(module)
-    path = tmp_path / "dpnr.ckpt"
-    trainer.save_checkpoint(path)
+    path = _saved(module, tmp_path / "dpnr.ckpt")
     assert not any(key.endswith("blur.kernel") for key in torch.load(path, weights_only=False)["state_dict"])
     smoother = Dpnr.load_from_checkpoint(path, smoothing_sigma=8.0)
     assert smoother.model.scorer.blur.kernel.shape[-1] == 65  # the kernel of the new sigma, not the saved one
