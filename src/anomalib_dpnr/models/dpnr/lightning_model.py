@@ -331,7 +331,7 @@ class Dpnr(DiffusionAnomalyModule):
         checkpoint[FEATURE_WEIGHT_KEY] = self.model.feature_weight
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the ``feature_weight`` fitted on the validation split (when it is one of the choices)."""
+        """Restore the ``feature_weight`` fitted on the validation split (unless ``feature_weight_choices`` is null)."""
         super().on_load_checkpoint(checkpoint)
         if self.feature_weight_choices and FEATURE_WEIGHT_KEY in checkpoint:
             self.model.feature_weight = float(checkpoint[FEATURE_WEIGHT_KEY])
