@@ -1,11 +1,11 @@
 """How much an anomaly map's second term weighs, chosen on the validation split's ground-truth masks.
 
-The criterion is the sum of the two localisation metrics the evaluator reports, pixel AUROC and PRO: a weight that
-gains a little pixel AUROC by washing out small defects (PRO) is not chosen.
-
 A map ``base + w * extra`` (e.g. pixel and feature discrepancy) has no weight ``w`` that suits every product: a
 feature distance that separates defects on objects can rank a texture's normal grain above its defects. The weight
 is therefore fitted like the thresholds: on the validation split, never on the scored test images.
+
+The criterion is the sum of the two localisation metrics the evaluator reports, pixel AUROC and PRO: a weight that
+gains a little pixel AUROC by washing out small defects (PRO) is not chosen.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def weight_scores(
     if not masks.any() or masks.all():
         msg = "choosing a map weight needs validation masks with both anomalous and normal pixels"
         raise ValueError(msg)
-    return {float(w): (pixel_auroc(base + w * extra, masks), pixel_pro(base + w * extra, masks)) for w in weights}
+    maps = {float(w): base + w * extra for w in weights}
+    return {w: (pixel_auroc(m, masks), pixel_pro(m, masks)) for w, m in maps.items()}
 
 
 def best_weight(scores: dict[float, tuple[float, float]]) -> float:

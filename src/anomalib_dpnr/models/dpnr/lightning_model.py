@@ -19,7 +19,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader, Dataset
 
 from anomalib_dpnr.components import (
@@ -314,10 +314,9 @@ class Dpnr(DiffusionAnomalyModule):
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Maps and scores with the chosen ``feature_weight`` (term maps from ``fit_feature_weight`` where kept)."""
-        del args, kwargs
         kept = self._validation_maps.pop(tuple(batch.image_path), None) if batch.image_path is not None else None
         if kept is None:
-            return batch.update(**self.model(batch.image)._asdict())
+            return super().validation_step(batch, *args, **kwargs)
         return batch.update(**self.model.score_maps(*kept)._asdict())
 
     def on_validation_end(self) -> None:

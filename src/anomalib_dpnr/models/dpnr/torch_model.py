@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from anomalib.data import InferenceBatch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_dpnr.components import (
     AnomalyScorer,
