@@ -233,6 +233,43 @@ def test_bank_and_adapted_backbone_survive_the_checkpoint(adapted_run: tuple[D3A
     assert torch.equal(a.anomaly_map, b.anomaly_map) and torch.equal(a.pred_score, b.pred_score)
 
 
+def test_feature_weight_is_chosen_on_the_validation_split_after_the_statistics(
+    adapted_run: tuple[D3AD, Path, Phases], tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from anomalib_dpnr.components.term_weights import best_weight, weight_scores
+
+    _, checkpoint, _ = adapted_run
+    choices = (0.0, 0.15, 5.0)
+    module = D3AD.load_from_checkpoint(checkpoint, feature_weight_choices=choices).eval()
+    data = datamodule(tiny_dataset)
+    data.setup()
+    model, bases, extras, masks = module.model, [], [], []
+    with torch.no_grad():  # the choice, from the normalised terms of the validation images
+        for batch in data.val_dataloader():
+            images, gt_mask = module.pre_processor.transform(batch.image, batch.gt_mask)
+            latent, feature, _ = model.term_maps(images)
+            bases.append(model.scorer.blur(model.pixel_weight * model.normaliser(latent, 0)))
+            extras.append(model.scorer.blur(model.normaliser(feature, 1)))
+            masks.append(gt_mask.view(-1, 1, *gt_mask.shape[-2:]).bool())
+    expected = best_weight(weight_scores(torch.cat(bases), torch.cat(extras), torch.cat(masks), choices))
+    run = engine(tmp_path)
+    run.validate(model=module, datamodule=data)
+    assert module.model.feature_weight == expected
+    path = tmp_path / "d3ad.ckpt"
+    run.trainer.save_checkpoint(path)
+    assert D3AD.load_from_checkpoint(path, feature_weight=0.5, feature_weight_choices=choices).model.feature_weight == expected
+    fixed = D3AD.load_from_checkpoint(path, feature_weight=0.5, feature_weight_choices=None)
+    assert fixed.model.feature_weight == 0.5  # without choices the configured weight stands
+
+    order: list[str] = []  # during fit the weight is chosen on maps normalised with this fit's statistics
+    fitted = D3AD(**TINY_D3AD, feature_weight_choices=choices)
+    for name in ("fit_statistics", "fit_feature_weight"):
+        method = getattr(fitted, name)
+        setattr(fitted, name, lambda *a, _m=method, _n=name: order.append(_n) or _m(*a))
+    engine(tmp_path / "fit").fit(fitted, datamodule=datamodule(tiny_dataset))
+    assert order == ["fit_statistics", "fit_feature_weight"]
+
+
 def test_adaptation_needs_a_denoiser_epoch(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_epochs=1 leaves no epoch for the denoiser"):
         engine(tmp_path).fit(D3AD(**{**TINY_D3AD, "domain_adaptation": True}), datamodule=datamodule(tiny_dataset))

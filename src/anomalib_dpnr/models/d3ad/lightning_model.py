@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
+from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
 
 from .loss import DenoisingLoss, DomainAdaptationLoss
 from .torch_model import D3ADModel
@@ -28,7 +29,7 @@ from .torch_model import D3ADModel
 __all__ = ["D3AD"]
 
 
-class D3AD(DiffusionAnomalyModule):
+class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
     """D3AD: kNN-guided dynamic noise step, scaled conditioned DDIM reconstruction, domain-adapted features.
 
     One ``anomalib train`` runs three phases: ``setup("fit")`` builds the kNN feature bank and its histogram
@@ -73,7 +74,11 @@ class D3AD(DiffusionAnomalyModule):
         adaptation_learning_rate: AdamW learning rate of the copy (reference: 1e-4).
         frozen_weight: DDAD's weight of the terms keeping the copy near the frozen backbone (DDAD: 0.1; D3AD: 0).
         pixel_weight: Weight of the normalised latent/pixel distance (reference: 0.85).
-        feature_weight: Weight of the normalised feature distance (reference: 0.15).
+        feature_weight: Weight of the normalised feature distance (reference: 0.15; used as given when
+            ``feature_weight_choices`` is null or the validation split has no anomalous pixels).
+        feature_weight_choices: Weights ``feature_weight`` is chosen from on the validation split, like the
+            thresholds: the one whose map has the highest pixel AUROC + PRO on the validation masks (saved in the
+            checkpoint); null (reference) keeps ``feature_weight``.
         feature_pooling: Mean-filter size on backbone features before the cosine distance (DDAD: 3).
         normalise_maps: Min-max normalise each map term with training-image statistics.
         statistics_images: Training images (at most) the normalisation statistics are computed on.
@@ -123,6 +128,7 @@ class D3AD(DiffusionAnomalyModule):
         frozen_weight: float = 0.0,
         pixel_weight: float = 0.85,
         feature_weight: float = 0.15,
+        feature_weight_choices: Sequence[float] | None = None,
         feature_pooling: int = 1,
         normalise_maps: bool = True,
         statistics_images: int = 256,
@@ -189,6 +195,7 @@ class D3AD(DiffusionAnomalyModule):
             smoothing_sigma=smoothing_sigma,
             inference_seed=inference_seed,
         )
+        self.feature_weight_choices = check_weights(feature_weight_choices, "feature_weight_choices")
         self.loss = DenoisingLoss()
         self.adaptation_loss = DomainAdaptationLoss(frozen_weight)
         self.domain_adaptation_epochs = domain_adaptation_epochs if domain_adaptation else 0
@@ -232,14 +239,14 @@ class D3AD(DiffusionAnomalyModule):
             self.build_bank(self.fitting_data("the kNN feature bank"))
 
     def on_validation_start(self) -> None:
-        """During fit: map-normalisation statistics of the training images under the current networks."""
-        super().on_validation_start()
+        """During fit: map-normalisation statistics of the training images under the current networks; then
+        ``feature_weight`` from ``feature_weight_choices`` on the validation split (``FittedFeatureWeight``)."""
         trainer = self.trainer
-        if not self.model.normalise_maps or trainer.state.fn != "fit" or trainer.sanity_checking:
-            return
-        if self._statistics_step != self.global_step:
+        fitting = self.model.normalise_maps and trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and self._statistics_step != self.global_step:
             self.fit_statistics(self.fitting_data("the map-normalisation statistics"))
             self._statistics_step = self.global_step
+        super().on_validation_start()
 
     # --- training -------------------------------------------------------------------------------------------
     @property

@@ -249,12 +249,24 @@ class D3ADModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
-        """``pixel_weight * norm(latent distance) + feature_weight * norm(feature distance)``, Gaussian-smoothed;
-        image score = its maximum."""
-        latent, feature, _ = self.term_maps(images)
+        """Anomaly map and image score of ``images`` (see :meth:`score_maps`)."""
+        return self.score_maps(*self.validation_terms(images))
+
+    def validation_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw latent/pixel and feature distance maps (what ``FittedFeatureWeight`` keeps)."""
+        return self.term_maps(images)[:2]
+
+    def weighted_terms(self, latent: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pixel_weight * norm(latent), norm(feature))``: the map before smoothing is ``base + feature_weight * extra``."""
         if self.normalise_maps:
             latent, feature = self.normaliser(latent, 0), self.normaliser(feature, 1)
-        anomaly_map, pred_score = self.scorer(self.pixel_weight * latent + self.feature_weight * feature)
+        return self.pixel_weight * latent, feature
+
+    def score_maps(self, latent: torch.Tensor, feature: torch.Tensor) -> InferenceBatch:
+        """``pixel_weight * norm(latent distance) + feature_weight * norm(feature distance)``, Gaussian-smoothed;
+        image score = its maximum."""
+        base, extra = self.weighted_terms(latent, feature)
+        anomaly_map, pred_score = self.scorer(base + self.feature_weight * extra)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     # --- training -----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from anomalib.data import Batch
@@ -17,9 +16,7 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader, Dataset
 
 from anomalib_dpnr.components import (
@@ -29,17 +26,15 @@ from anomalib_dpnr.components import (
     from_unit_range,
     to_unit_range,
 )
-from anomalib_dpnr.components.term_weights import best_weight, check_weights, weight_scores
+from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
 
 from .loss import EpsilonLoss, InjectionLoss, RHNLoss
 from .torch_model import DpnrModel
 
 __all__ = ["Dpnr"]
 
-FEATURE_WEIGHT_KEY = "dpnr_feature_weight"  # checkpoint entry of the fitted feature_weight
 
-
-class Dpnr(DiffusionAnomalyModule):
+class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
     """DPNR: diffusion with structured noise from a dual-prototype noise repository.
 
     Args:
@@ -232,7 +227,6 @@ class Dpnr(DiffusionAnomalyModule):
         self.generator = SyntheticAnomalyGenerator(probability=anomaly_probability, **generator_args)
         self.repository_generator = SyntheticAnomalyGenerator(probability=1.0, **generator_args)
         self.feature_weight_choices = check_weights(feature_weight_choices, "feature_weight_choices")
-        self._validation_maps: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.repository_images = repository_images
         self.repository_seed = repository_seed
         self.learning_rate = learning_rate
@@ -276,64 +270,6 @@ class Dpnr(DiffusionAnomalyModule):
                 foreground.append(fg.cpu())
                 background.append(bg.cpu())
         self.model.build_repository(torch.cat(foreground), torch.cat(background))
-
-    # --- the map's feature weight, fitted on the validation split --------------------------------------------
-    def on_validation_start(self) -> None:
-        """Choose ``feature_weight`` from ``feature_weight_choices`` on the validation split before it is scored."""
-        super().on_validation_start()
-        self._validation_maps = {}
-        if self.feature_weight_choices and not self.trainer.sanity_checking:
-            self.fit_feature_weight()
-
-    @torch.no_grad()
-    def fit_feature_weight(self) -> None:
-        """Pixel AUROC and PRO of every choice on the validation masks (means over DDP ranks); the one with the
-        highest sum becomes ``feature_weight``. The term maps are kept so ``validation_step`` does not compute them again."""
-        model = self.model
-        pixels, features, masks = [], [], []
-        for batch in self.validation_batches():
-            pixel, feature = model.mean_discrepancy(batch.image, features=True)
-            if batch.image_path is not None:
-                self._validation_maps[tuple(batch.image_path)] = (pixel, feature)
-            if batch.gt_mask is not None:
-                pixels.append(model.scorer.blur(pixel)), features.append(model.scorer.blur(feature))
-                masks.append(F.interpolate(batch.gt_mask.float().view(-1, 1, *batch.gt_mask.shape[-2:]), size=pixel.shape[-2:]) > 0.5)
-        masks = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
-        if not masks.any() or masks.all():
-            rank_zero_warn(
-                f"Dpnr: the validation split has no masks with both anomalous and normal pixels, so feature_weight stays "
-                f"{model.feature_weight} (feature_weight_choices needs anomalous validation images with masks)"
-            )
-            return
-        scores = weight_scores(torch.cat(pixels), torch.cat(features), masks, self.feature_weight_choices)
-        mean = self.trainer.strategy.reduce(torch.tensor(list(scores.values()), device=self.device), reduce_op="mean")
-        scores = {weight: tuple(values) for weight, values in zip(scores, mean.tolist(), strict=True)}
-        model.feature_weight = best_weight(scores)
-        shown = ", ".join(f"{w:g}: {a:.4f} / {p:.4f}" for w, (a, p) in scores.items())
-        rank_zero_info(f"Dpnr: feature_weight {model.feature_weight:g} chosen on the validation split (pixel AUROC / PRO {shown})")
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Maps and scores with the chosen ``feature_weight`` (term maps from ``fit_feature_weight`` where kept)."""
-        kept = self._validation_maps.pop(tuple(batch.image_path), None) if batch.image_path is not None else None
-        if kept is None:
-            return super().validation_step(batch, *args, **kwargs)
-        return batch.update(**self.model.score_maps(*kept)._asdict())
-
-    def on_validation_end(self) -> None:
-        """Drop term maps no batch asked for."""
-        super().on_validation_end()
-        self._validation_maps = {}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the fitted ``feature_weight`` with the weights."""
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[FEATURE_WEIGHT_KEY] = self.model.feature_weight
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the ``feature_weight`` fitted on the validation split (unless ``feature_weight_choices`` is null)."""
-        super().on_load_checkpoint(checkpoint)
-        if self.feature_weight_choices and FEATURE_WEIGHT_KEY in checkpoint:
-            self.model.feature_weight = float(checkpoint[FEATURE_WEIGHT_KEY])
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Synthesise ``x_a``, inject structured noise into ``z_syn(t)``, RHN-Loss (Fig. 2)."""

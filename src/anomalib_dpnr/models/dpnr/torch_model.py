@@ -277,6 +277,14 @@ class DpnrModel(nn.Module):
         """Anomaly map and image score of ``images`` (see :meth:`score_maps`)."""
         return self.score_maps(*self.mean_discrepancy(images))
 
+    def validation_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both discrepancy terms, whatever ``feature_weight`` is (for choosing it: ``FittedFeatureWeight``)."""
+        return self.mean_discrepancy(images, features=True)
+
+    def weighted_terms(self, pixel: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(base, extra)`` with the map before smoothing ``base + feature_weight * extra``."""
+        return self.pixel_weight * pixel, feature
+
     def score_maps(self, pixel: torch.Tensor, feature: torch.Tensor) -> InferenceBatch:
         """Anomaly map ``pixel_weight * pixel + feature_weight * feature`` (smoothed) and its top-k image score."""
         anomaly_map = self.scorer.blur(self.pixel_weight * pixel + self.feature_weight * feature)
