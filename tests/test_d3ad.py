@@ -103,6 +103,19 @@ def test_every_step_mode_predicts_and_the_mode_matters(mode: str) -> None:
     assert not torch.allclose(other.predict(batch).anomaly_map, out.anomaly_map)
 
 
+def test_unweighted_feature_term_is_not_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(step_mode="fixed", fixed_step=50, feature_weight=0.0)
+    batch = images(2)
+    expected = model.score_maps(*model.term_maps(batch)[:2])  # both terms computed, the feature one weighted 0
+    calls = []
+    layer_maps = model.backbone.layer_maps
+    monkeypatch.setattr(model.backbone, "layer_maps", lambda x: calls.append(x) or layer_maps(x))
+    out = model.predict(batch)
+    assert len(calls) == 1  # the input only (start step), no reconstruction features
+    torch.testing.assert_close(out.anomaly_map, expected.anomaly_map)
+    torch.testing.assert_close(out.pred_score, expected.pred_score)
+
+
 # --- reconstruction -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def test_fixed_step_unconditioned_scaled_start_is_plain_ddim() -> None:

@@ -223,8 +223,9 @@ class D3ADModel(nn.Module):
         return torch.stack(distances).mean(dim=0)
 
     @torch.no_grad()
-    def term_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Raw latent/pixel distance and feature distance maps ``[B, 1, H, W]`` and the start steps."""
+    def term_maps(self, images: torch.Tensor, features: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw latent/pixel distance and feature distance maps ``[B, 1, H, W]`` and the start steps
+        (``features=False``: the feature distance is zero, the scoring backbone does not run)."""
         size = images.shape[-2:]
         latents = self.codec.encode(images)
         frozen = self.backbone.layer_maps(images)
@@ -236,6 +237,8 @@ class D3ADModel(nn.Module):
             reconstruction = self.reconstruct_regions(latents, steps, generator)
         latent = (reconstruction - latents).abs().mean(dim=1, keepdim=True)
         latent = F.interpolate(latent, size=size, mode="bilinear", align_corners=False) if latent.shape[-2:] != size else latent
+        if not features:
+            return latent, torch.zeros_like(latent), steps
         decoded = self.codec.decode(reconstruction).clamp(-1, 1)
         if self.adapted is None:
             inputs = [frozen[i] for i in self.score_indices]
@@ -249,8 +252,8 @@ class D3ADModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
-        """Anomaly map and image score of ``images`` (see :meth:`score_maps`)."""
-        return self.score_maps(*self.validation_terms(images))
+        """Anomaly map and image score of ``images`` (see :meth:`score_maps`); the feature term only if weighted."""
+        return self.score_maps(*self.term_maps(images, features=bool(self.feature_weight))[:2])
 
     def validation_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw latent/pixel and feature distance maps (what ``FittedFeatureWeight`` keeps)."""
