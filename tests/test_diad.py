@@ -8,11 +8,11 @@ import pytest
 import torch
 from anomalib.engine import Engine
 from anomalib.models import Padim
-from conftest import TINY_DIAD
+from conftest import TINY_DIAD, TINY_RAN
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from anomalib_dpnr import DiAD
+from anomalib_dpnr import DiAD, Ran
 from anomalib_dpnr.components.weights import MissingWeightsError
 from anomalib_dpnr.data import MVTecMultiClass, make_synthetic_dataset
 from anomalib_dpnr.models.diad.feature_fusion import SpatialFeatureFusion
@@ -235,13 +235,18 @@ def test_multi_class_datamodule_splits_per_category(two_categories: Path) -> Non
         MVTecMultiClass(root=two_categories, categories=["other", "missing_one"]).prepare_data()
 
 
-@pytest.mark.parametrize("model", ["DiAD", "Padim"])
+@pytest.mark.parametrize("model", ["DiAD", "Ran", "Padim"])
 def test_multi_class_datamodule_yields_per_category_metrics(model: str, two_categories: Path, tmp_path: Path) -> None:
     data = MVTecMultiClass(
         root=two_categories, categories=["nested/woven", "other"], train_batch_size=4, eval_batch_size=4,
         num_workers=0, val_split_mode="from_test", seed=0,
     )  # fmt: skip
-    module = DiAD(**TINY_DIAD, seed=0) if model == "DiAD" else Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"])
+    modules = {
+        "DiAD": lambda: DiAD(**TINY_DIAD, seed=0),
+        "Ran": lambda: Ran(**TINY_RAN, seed=0),  # RAN's unified setting (the paper's Table 3)
+        "Padim": lambda: Padim(backbone="resnet18", pre_trained=False, layers=["layer1", "layer2"]),
+    }
+    module = modules[model]()
     engine = Engine(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     (metrics,) = engine.train(module, datamodule=data)
     for category in ("woven", "other"):
