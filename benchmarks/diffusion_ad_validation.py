@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F  # noqa: N812
 
 from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, update_readme
 from anomalib_dpnr.config_files import config_path
+from validation import mask_like, metrics
 
 CONFIG = config_path("diffusion_ad/cpu")
 COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pixel_AUROC", "pixel_AUPRO",
@@ -34,24 +34,14 @@ COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pi
 
 def validation_metrics(model, loader) -> dict[str, float]:  # noqa: ANN001
     """Image/pixel AUROC and AUPRO of ``model`` (a ``DiffusionAD``) over ``loader``, maps at the model's input size."""
-    from anomalib.metrics.aupro import _AUPRO
-    from sklearn.metrics import roc_auc_score
-
     scores, labels, maps, masks = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             images = model.pre_processor.transform(batch.image)
             out = model.model(images)
             scores.append(out.pred_score), labels.append(batch.gt_label), maps.append(out.anomaly_map)
-            masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
-    anomaly_map, mask = torch.cat(maps), torch.cat(masks)
-    pro = _AUPRO()
-    pro.update(anomaly_map[:, 0], mask[:, 0].int())
-    return {
-        "image_AUROC": round(float(roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())), 4),
-        "pixel_AUROC": round(float(roc_auc_score(mask.numpy().ravel(), anomaly_map.numpy().ravel())), 4),
-        "pixel_AUPRO": round(float(pro.compute()), 4),
-    }
+            masks.append(mask_like(batch.gt_mask, out.anomaly_map))
+    return metrics(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks))
 
 
 def train_and_score(dataset: str, data_root: Path, overrides: list[str]) -> list[dict]:

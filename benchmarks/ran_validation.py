@@ -19,26 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
 from anomalib_dpnr.compare import DATASETS
+from validation import mask_like, metrics
 
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip
-
-
-def metrics(scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """Image AUROC, pixel AUROC and AUPRO of ``[N]`` scores and ``[N, 1, H, W]`` maps against labels and masks."""
-    from anomalib.metrics.aupro import _AUPRO
-    from sklearn.metrics import roc_auc_score
-
-    pro = _AUPRO()
-    pro.update(maps[:, 0], masks[:, 0].int())
-    return {
-        "image_AUROC": round(float(roc_auc_score(labels.numpy(), scores.numpy())), 4),
-        "pixel_AUROC": round(float(roc_auc_score(masks.numpy().ravel(), maps.numpy().ravel())), 4),
-        "pixel_AUPRO": round(float(pro.compute()), 4),
-    }
 
 
 def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
@@ -49,7 +35,7 @@ def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
             images = module.pre_processor.transform(batch.image)
             kl, feature = module.model.level_maps(images)
             kls.append(kl), features.append(feature), labels.append(batch.gt_label)
-            masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
+            masks.append(mask_like(batch.gt_mask, images))
     return torch.cat(kls, dim=1), torch.cat(features, dim=1), torch.cat(labels), torch.cat(masks)
 
 

@@ -352,3 +352,24 @@ def test_anomalib_benchmark_fails_loudly(tmp_path: Path, tiny_dataset: Path) -> 
     done = run("-m", "anomalib_dpnr.cli", "benchmark", "--config", str(grid), cwd=tmp_path)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[benchmark] FAILED" in done.stderr and "0 of 1 job results" in done.stderr
+
+
+def test_validation_script_scores_the_validation_half_every_n_epochs(tiny_dataset: Path, tmp_path: Path) -> None:
+    """``benchmarks/validation.py``: one row per validation, each the metrics of the model's raw validation maps."""
+    import torch
+    from test_reliability import build, datamodule, engine
+
+    validation = benchmark_script("validation")
+    module, data = build("Ran", seed=0), datamodule(tiny_dataset)
+    scores = validation.ValidationScores({"config": "tiny"})
+    engine(tmp_path, max_epochs=2, check_val_every_n_epoch=1, num_sanity_val_steps=0, callbacks=[scores]).fit(module, datamodule=data)
+    assert [row["epoch"] for row in scores.rows] == [1, 2]
+    assert all(row["config"] == "tiny" and row["train_seconds"] >= 0 for row in scores.rows)
+    module.eval()
+    parts = []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            out = module.model(module.pre_processor.transform(batch.image))
+            parts.append((out.pred_score, batch.gt_label, out.anomaly_map, validation.mask_like(batch.gt_mask, out.anomaly_map)))
+    expected = validation.metrics(*(torch.cat(part) for part in zip(*parts, strict=True)))
+    assert {key: scores.rows[-1][key] for key in expected} == pytest.approx(expected, abs=2e-3)

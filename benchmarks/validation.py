@@ -1,0 +1,148 @@
+"""Choose a config's training length on the validation half: train once, score the validation half every few epochs.
+
+Trains one config (``--config diad/cpu``, with any ``--model.*``/``--trainer.*`` overrides after ``--``) on one sample
+dataset with the same data, pre-processing and ``from_test`` split (seed 42) as ``anomalib-dpnr compare``, runs
+Lightning's validation loop every ``--every`` epochs up to ``--max-epochs`` (so state a model fits on validation, such
+as RAN's level statistics, is fitted as in a normal run) and appends, per validation, the epoch, the training seconds
+so far and the image AUROC, pixel AUROC and pixel AUPRO of the raw maps on the *validation* half to ``--csv``. The
+scored test half is never read. Pick by validation pixel AUROC + AUPRO.
+
+    nice python benchmarks/validation.py --config diad/cpu --dataset bottle --every 6 --max-epochs 36 \\
+        --csv benchmarks/results/diad_validation.csv
+    python benchmarks/validation.py --csv benchmarks/results/diad_validation.csv --render \\
+        --readme src/anomalib_dpnr/models/diad/README.md --key diad_validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, update_readme
+from anomalib_dpnr.config_files import config_path
+
+COLUMNS = ["config", "dataset", "overrides", "seed", "epoch", "train_seconds", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+
+
+def metrics(scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and AUPRO of ``[N]`` scores and ``[N, 1, H, W]`` maps against labels and masks."""
+    from anomalib.metrics.aupro import _AUPRO
+    from sklearn.metrics import roc_auc_score
+
+    pro = _AUPRO()
+    pro.update(maps[:, 0], masks[:, 0].int())
+    return {
+        "image_AUROC": round(float(roc_auc_score(labels.numpy(), scores.numpy())), 4),
+        "pixel_AUROC": round(float(roc_auc_score(masks.numpy().ravel(), maps.numpy().ravel())), 4),
+        "pixel_AUPRO": round(float(pro.compute()), 4),
+    }
+
+
+def mask_like(gt_mask: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, h, w]`` boolean ground truth at the size of ``anomaly_map`` (``[B, 1, h, w]`` or ``[B, h, w]``)."""
+    mask = gt_mask.float().reshape(gt_mask.shape[0], 1, *gt_mask.shape[-2:])
+    return F.interpolate(mask, size=anomaly_map.shape[-2:], mode="nearest") > 0.5
+
+
+class ValidationScores(Callback):
+    """Collects the raw scores and maps of every validation batch and appends one metrics row per validation."""
+
+    def __init__(self, row: dict) -> None:
+        self.row, self.rows = row, []
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
+        self.start, self.validation_seconds = time.perf_counter(), 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
+        self.batches, self.validation_start = [], time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
+        maps = outputs.anomaly_map.detach().float().cpu()
+        maps = maps.reshape(maps.shape[0], 1, *maps.shape[-2:])
+        self.batches.append((outputs.pred_score.detach().float().cpu().reshape(-1), outputs.gt_label.cpu(), maps,
+                             mask_like(outputs.gt_mask.cpu(), maps)))  # fmt: skip
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
+        train_seconds = self.validation_start - self.start - self.validation_seconds
+        self.validation_seconds += time.perf_counter() - self.validation_start
+        scores, labels, maps, masks = (torch.cat(part) for part in zip(*self.batches, strict=True))
+        row = {**self.row, "epoch": trainer.current_epoch + 1, "train_seconds": round(train_seconds, 1)}
+        self.rows.append({**row, **metrics(scores, labels, maps, masks)})
+        print(self.rows[-1], flush=True)
+
+
+def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every: int, max_epochs: int,
+                    overrides: list[str]) -> list[dict]:  # fmt: skip
+    """Fit ``config`` for ``max_epochs`` and score the validation half every ``every`` epochs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from anomalib.cli import AnomalibCLI
+    from lightning.pytorch import seed_everything
+
+    if every < 1 or max_epochs < every:
+        msg = f"need 1 <= --every <= --max-epochs, got --every {every} --max-epochs {max_epochs}"
+        raise ValueError(msg)
+    sub, category, texture = DATASETS[dataset]
+    seed_everything(seed, workers=True)
+    args = ["fit", "--config", str(config_path(config)), "--trainer.enable_progress_bar", "false",
+            "--trainer.max_epochs", str(max_epochs), "--trainer.check_val_every_n_epoch", str(every),
+            "--model.seed", str(seed), "--data.root", str(data_root / sub), "--data.category", category,
+            *(TEXTURE_ARGS if texture else [])]  # fmt: skip
+    cli = AnomalibCLI(args=[*args, *overrides], run=False)
+    scores = ValidationScores({"config": config, "dataset": dataset, "overrides": shlex.join(overrides) or "(config)", "seed": seed})
+    cli.engine._cache.args["callbacks"].append(scores)  # noqa: SLF001 (the Engine builds its Trainer lazily)
+    cli.engine.fit(model=cli.model, datamodule=cli.datamodule)
+    return scores.rows
+
+
+def summary(rows: list[dict]) -> str:
+    """Markdown table of the rows in the order they were run."""
+    lines = ["| config | dataset | overrides | seed | epoch | train s | image AUROC | pixel AUROC | pixel AUPRO |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['config']} | {r['dataset']} | `{r['overrides']}` | {r['seed']} | {r['epoch']} | {r['train_seconds']} "
+              f"| {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |" for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="diad/cpu", help="a packaged config name or a YAML path")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="bottle")
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--seed", type=int, default=0, help="model seed")
+    parser.add_argument("--every", type=int, default=6, help="validate every this many epochs")
+    parser.add_argument("--max-epochs", type=int, default=36)
+    parser.add_argument("--csv", type=Path, required=True, help="rows are appended")
+    parser.add_argument("--render", action="store_true", help="train nothing: print the table of --csv")
+    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
+    parser.add_argument("--key", default="validation", help="marker key of the --readme block")
+    parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
+    args = parser.parse_args(argv)
+    rows = []
+    if args.csv.is_file():
+        with args.csv.open() as file:
+            rows = list(csv.DictReader(file))
+    if not args.render:
+        rows += train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every, args.max_epochs, args.overrides)
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    table = summary(rows)
+    print(table)
+    for readme in args.readme:
+        update_readme(readme, args.key, table, "python benchmarks/validation.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
