@@ -14,7 +14,6 @@ for each inference mode (``norm_guided``, ``average``), the image AUROC, pixel A
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shlex
 import sys
@@ -25,7 +24,7 @@ import torch
 
 from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, update_readme
 from anomalib_dpnr.config_files import config_path
-from validation import mask_like, metrics
+from validation import mask_like, metrics, update_csv
 
 CONFIG = config_path("diffusion_ad/cpu")
 COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pixel_AUROC", "pixel_AUPRO",
@@ -89,17 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="diffusion_ad_validation", help="marker key of the --readme block")
     parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
     args = parser.parse_args(argv)
-    rows = []
-    if args.csv.is_file():
-        with args.csv.open() as file:
-            rows = list(csv.DictReader(file))
-    if not args.render:
-        rows += train_and_score(args.dataset, args.data_root, args.overrides)
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    rows = update_csv(args.csv, [] if args.render else train_and_score(args.dataset, args.data_root, args.overrides), COLUMNS)
     table = summary(rows)
     print(table)
     for readme in args.readme:

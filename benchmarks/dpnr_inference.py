@@ -29,6 +29,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_dpnr.compare import DATASETS, update_readme
 from anomalib_dpnr.config_files import config_path
+from validation import metrics
 
 CONFIG = config_path("dpnr/cpu")  # whose data section (split, seed, batch size) the sweep uses
 TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]
@@ -56,9 +57,6 @@ def scores(model, pixel, feature, labels, masks, weights, score_from, sigma=None
 
     ``sigma``: the anomaly map's smoothing (``None``: the model's own).
     """
-    from anomalib.metrics.aupro import _AUPRO
-    from sklearn.metrics import roc_auc_score
-
     from anomalib_dpnr.components import AnomalyScorer
 
     model.model.pixel_weight, model.model.feature_weight = weights
@@ -66,14 +64,7 @@ def scores(model, pixel, feature, labels, masks, weights, score_from, sigma=None
     if sigma is not None and sigma != model.model.scorer.sigma:
         model.model.scorer = AnomalyScorer(sigma, model.model.scorer.top_k)
     out = model.model.score_maps(pixel, feature)
-    anomaly_map, score = out.anomaly_map, out.pred_score
-    pro = _AUPRO()
-    pro.update(anomaly_map[:, 0], masks[:, 0].int())
-    return {
-        "image_AUROC": round(float(roc_auc_score(labels.numpy(), score.numpy())), 4),
-        "pixel_AUROC": round(float(roc_auc_score(masks.numpy().ravel(), anomaly_map.numpy().ravel())), 4),
-        "pixel_AUPRO": round(float(pro.compute()), 4),
-    }
+    return metrics(out.pred_score, labels, out.anomaly_map, masks)
 
 
 def sweep(args: argparse.Namespace, ckpt: Path) -> list[dict]:

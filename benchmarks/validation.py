@@ -103,6 +103,22 @@ def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every
     return scores.rows
 
 
+def update_csv(path: Path, new_rows: list[dict], columns: list[str]) -> list[dict]:
+    """The rows already in ``path`` (if any) followed by ``new_rows``, all written back to ``path``."""
+    rows = []
+    if path.is_file():
+        with path.open() as file:
+            rows = list(csv.DictReader(file))
+    rows += new_rows
+    if new_rows:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
 def summary(rows: list[dict]) -> str:
     """Markdown table of the rows in the order they were run."""
     lines = ["| config | dataset | overrides | seed | epoch | train s | image AUROC | pixel AUROC | pixel AUPRO |",
@@ -126,17 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="validation", help="marker key of the --readme block")
     parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
     args = parser.parse_args(argv)
-    rows = []
-    if args.csv.is_file():
-        with args.csv.open() as file:
-            rows = list(csv.DictReader(file))
-    if not args.render:
-        rows += train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every, args.max_epochs, args.overrides)
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    new_rows = [] if args.render else train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every,
+                                                      args.max_epochs, args.overrides)  # fmt: skip
+    rows = update_csv(args.csv, new_rows, COLUMNS)
     table = summary(rows)
     print(table)
     for readme in args.readme:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -113,7 +114,9 @@ PROOF = {
 
 
 def benchmark_script(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package; they import each other as when run)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.append(str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
