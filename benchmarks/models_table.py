@@ -40,12 +40,14 @@ def headline(summary: list[dict], name: str, config: str) -> str:
     parts, ratios = [], []
     for dataset, reference in TARGETS.items():
         rows = {r["config"]: r for r in summary if r["model"] == name and r["dataset"] == dataset}  # this model's configs
-        own = [rows[config]] if config in rows else []
+        # the config as shipped; else the config with other training settings (``--trainer.*``), named in the line
+        own = [rows[config]] if config in rows else [rows[c] for c in sorted(rows) if c.startswith(f"{config} --trainer.")][:1]
         base = [r for r in summary if r["model"] == reference and r["dataset"] == dataset]
         if not own or not base:
             continue
         (row,), ref = own, base[0]
         seeds = f", {row['seeds']} seeds" if row["seeds"] > 1 else ", 1 seed"
+        seeds += f", `{row['config'][len(config) + 1:]}`" if row["config"] != config else ""
         parts.append(f"{dataset} {_value(row, 'pixel_AUROC')} / {_value(row, 'pixel_AUPRO')}{seeds} "
                      f"({reference} {ref['pixel_AUROC']:.3f} / {ref['pixel_AUPRO']:.3f})")  # fmt: skip
         if "infer_x_patchcore" in row:

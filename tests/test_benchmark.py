@@ -201,6 +201,11 @@ def test_models_table_takes_one_dataset_of_a_csv(tmp_path: Path) -> None:
     timed += [{**r, "config": f"{r['config']} {models_table.BFLOAT16}", "infer_x_patchcore": 4.0} for r in timed if r["model"] == "Dpnr"]
     line = models_table.headline(bench.summarise(timed), "Dpnr", "configs/dpnr/cpu.yaml")
     assert line.startswith("pixel AUROC / PRO: bottle 0.700 ± 0.141") and line.endswith("inference 10x (4x in bfloat16) PatchCore's")
+    # rows of the config trained differently (``--trainer.*``) stand in for a dataset without the shipped config's rows
+    tile = [{**r, "dataset": "magnetic_tile"} for r in rows if r["dataset"] == "tile"]
+    shorter = [{**r, "config": f"{r['config']} --trainer.max_epochs 6"} if r["model"] == "Dpnr" else r for r in tile]
+    line = models_table.headline(bench.summarise(shorter), "Dpnr", "configs/dpnr/cpu.yaml")
+    assert line == "pixel AUROC / PRO: magnetic_tile 0.600 / 0.600, 1 seed, `--trainer.max_epochs 6` (Padim 0.700 / 0.700)"
 
 
 def test_append_replaces_rows_where_they_stood() -> None:
