@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, update_readme
+from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS
 from anomalib_dpnr.config_files import config_path
-from validation import mask_like, metrics, update_csv
+from validation import add_run_arguments, mask_like, metrics, report, update_csv
 
 CONFIG = config_path("diffusion_ad/cpu")
 COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pixel_AUROC", "pixel_AUPRO",
@@ -80,19 +80,10 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="bottle")
-    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--csv", type=Path, required=True, help="rows are appended")
-    parser.add_argument("--render", action="store_true", help="train nothing: print the table of --csv")
-    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
-    parser.add_argument("--key", default="diffusion_ad_validation", help="marker key of the --readme block")
-    parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
+    add_run_arguments(parser, "diffusion_ad_validation")
     args = parser.parse_args(argv)
     rows = update_csv(args.csv, [] if args.render else train_and_score(args.dataset, args.data_root, args.overrides), COLUMNS)
-    table = summary(rows)
-    print(table)
-    for readme in args.readme:
-        update_readme(readme, args.key, table, "python benchmarks/diffusion_ad_validation.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    report(rows, summary(rows), args, "diffusion_ad_validation.py", argv)
     return 0
 
 

@@ -128,27 +128,36 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="diad/cpu", help="a packaged config name or a YAML path")
+def add_run_arguments(parser: argparse.ArgumentParser, key: str) -> None:
+    """Options every validation script shares: dataset, data root, CSV, render-only, README block, CLI overrides."""
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="bottle")
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--seed", type=int, default=0, help="model seed")
-    parser.add_argument("--every", type=int, default=6, help="validate every this many epochs")
-    parser.add_argument("--max-epochs", type=int, default=36)
     parser.add_argument("--csv", type=Path, required=True, help="rows are appended")
     parser.add_argument("--render", action="store_true", help="train nothing: print the table of --csv")
     parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
-    parser.add_argument("--key", default="validation", help="marker key of the --readme block")
+    parser.add_argument("--key", default=key, help="marker key of the --readme block")
     parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
+
+
+def report(rows: list[dict], table: str, args: argparse.Namespace, script: str, argv: list[str] | None) -> None:
+    """Print ``table`` and write it, with the command that made it, into each ``--readme``."""
+    print(table)
+    for readme in args.readme:
+        update_readme(readme, args.key, table, f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="diad/cpu", help="a packaged config name or a YAML path")
+    parser.add_argument("--seed", type=int, default=0, help="model seed")
+    parser.add_argument("--every", type=int, default=6, help="validate every this many epochs")
+    parser.add_argument("--max-epochs", type=int, default=36)
+    add_run_arguments(parser, "validation")
     args = parser.parse_args(argv)
     new_rows = [] if args.render else train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every,
                                                       args.max_epochs, args.overrides)  # fmt: skip
     rows = update_csv(args.csv, new_rows, COLUMNS)
-    table = summary(rows)
-    print(table)
-    for readme in args.readme:
-        update_readme(readme, args.key, table, "python benchmarks/validation.py " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    report(rows, summary(rows), args, "validation.py", argv)
     return 0
 
 
