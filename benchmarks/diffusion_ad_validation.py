@@ -20,27 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS
 from anomalib_dpnr.config_files import config_path
-from validation import add_run_arguments, mask_like, metrics, report, update_csv
+from validation import add_run_arguments, raw_metrics, report, update_csv
 
 CONFIG = config_path("diffusion_ad/cpu")
 COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pixel_AUROC", "pixel_AUPRO",
            "train_seconds"]  # fmt: skip
-
-
-def validation_metrics(model, loader) -> dict[str, float]:  # noqa: ANN001
-    """Image/pixel AUROC and AUPRO of ``model`` (a ``DiffusionAD``) over ``loader``, maps at the model's input size."""
-    scores, labels, maps, masks = [], [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            images = model.pre_processor.transform(batch.image)
-            out = model.model(images)
-            scores.append(out.pred_score), labels.append(batch.gt_label), maps.append(out.anomaly_map)
-            masks.append(mask_like(batch.gt_mask, out.anomaly_map))
-    return metrics(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks))
 
 
 def train_and_score(dataset: str, data_root: Path, overrides: list[str]) -> list[dict]:
@@ -61,7 +48,7 @@ def train_and_score(dataset: str, data_root: Path, overrides: list[str]) -> list
     rows = []
     for mode in ("norm_guided", "average"):
         model.model.inference_mode = mode
-        metrics = validation_metrics(model, cli.datamodule.val_dataloader())
+        metrics = raw_metrics(model, cli.datamodule.val_dataloader())
         rows.append({"dataset": dataset, "overrides": shlex.join(overrides) or "(config)", "inference_mode": mode,
                      "split": "val", **metrics, "train_seconds": seconds})  # fmt: skip
         print(rows[-1], flush=True)

@@ -17,7 +17,6 @@ choice is the setting with the best mean, so it does not ride on one seed. Same 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shlex
 import sys
@@ -25,11 +24,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch.nn import functional as F  # noqa: N812
 
-from anomalib_dpnr.compare import DATASETS, update_readme
+from anomalib_dpnr.compare import DATASETS, read_csv, update_readme, write_csv
 from anomalib_dpnr.config_files import config_path
-from validation import metrics
+from validation import mask_like, metrics
 
 CONFIG = config_path("dpnr/cpu")  # whose data section (split, seed, batch size) the sweep uses
 TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]
@@ -48,7 +46,7 @@ def maps(model, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
         images = model.pre_processor.transform(batch.image)
         p, f = model.model.mean_discrepancy(images, features=True)  # scores() weighs the terms
         pixel.append(p), feature.append(f), labels.append(batch.gt_label)
-        masks.append(F.interpolate(batch.gt_mask.float().unsqueeze(1), size=images.shape[-2:], mode="nearest") > 0.5)
+        masks.append(mask_like(batch.gt_mask, images))
     return torch.cat(pixel), torch.cat(feature), torch.cat(labels), torch.cat(masks)
 
 
@@ -110,21 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigmas", nargs="+", type=float, default=SIGMAS, help="anomaly-map smoothing sigmas to try")
     args = parser.parse_args(argv)
     if args.render:
-        with args.csv.open() as file:
-            numbers = ["pixel_weight", "feature_weight", "smoothing_sigma", *METRICS]
-            rows = [{**row, **{c: float(row[c]) for c in numbers}, "checkpoint_setting": row["checkpoint_setting"] == "True"}
-                    for row in csv.DictReader(file)]  # fmt: skip
+        numbers = ["pixel_weight", "feature_weight", "smoothing_sigma", *METRICS]
+        rows = [{**row, **{c: float(row[c]) for c in numbers}, "checkpoint_setting": row["checkpoint_setting"] == "True"}
+                for row in read_csv(args.csv)]  # fmt: skip
     else:
         missing = [str(ckpt) for ckpt in args.ckpt if not ckpt.is_file()] or ([] if args.ckpt else ["(none given)"])
         if missing:
             print(f"no checkpoint at {', '.join(missing)}: train one first (see this script's docstring)", file=sys.stderr)
             return 2
         rows = [row for ckpt in args.ckpt for row in sweep(args, ckpt)]
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with args.csv.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows, COLUMNS)
     rows, count = mean_over_checkpoints(rows)
     val = [row for row in rows if row["split"] == "val"]
     best = max(val, key=lambda row: (row["pixel_AUROC"], row["image_AUROC"]))

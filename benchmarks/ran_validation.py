@@ -13,14 +13,13 @@ then combines them: single levels vs the ensemble of all levels, pixel (KL) only
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from anomalib_dpnr.compare import DATASETS
+from anomalib_dpnr.compare import DATASETS, write_csv
 from validation import mask_like, metrics
 
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
@@ -93,11 +92,7 @@ def main() -> int:
                      "alpha": module.model.alpha, "normalise_features": module.model.normalise_features, "gradient_denoising": True,
                      **metrics(scores, labels, maps, masks), "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
         print(rows[-1], flush=True)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.csv, rows, COLUMNS)
     return 0
 
 

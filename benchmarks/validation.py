@@ -16,7 +16,6 @@ scored test half is never read. Pick by validation pixel AUROC + AUPRO.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shlex
 import sys
@@ -27,7 +26,7 @@ import torch
 from lightning.pytorch import Callback
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, update_readme
+from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, read_csv, update_readme, write_csv
 from anomalib_dpnr.config_files import config_path
 
 COLUMNS = ["config", "dataset", "overrides", "seed", "epoch", "train_seconds", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
@@ -51,6 +50,17 @@ def mask_like(gt_mask: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
     """``[B, 1, h, w]`` boolean ground truth at the size of ``anomaly_map`` (``[B, 1, h, w]`` or ``[B, h, w]``)."""
     mask = gt_mask.float().reshape(gt_mask.shape[0], 1, *gt_mask.shape[-2:])
     return F.interpolate(mask, size=anomaly_map.shape[-2:], mode="nearest") > 0.5
+
+
+def raw_metrics(module, loader) -> dict[str, float]:  # noqa: ANN001
+    """``metrics`` of a lightning model's raw scores and maps (``module.model`` on pre-processed images) over ``loader``."""
+    scores, labels, maps, masks = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = module.model(module.pre_processor.transform(batch.image))
+            scores.append(out.pred_score), labels.append(batch.gt_label), maps.append(out.anomaly_map)
+            masks.append(mask_like(batch.gt_mask, out.anomaly_map))
+    return metrics(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks))
 
 
 class ValidationScores(Callback):
@@ -105,17 +115,9 @@ def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every
 
 def update_csv(path: Path, new_rows: list[dict], columns: list[str]) -> list[dict]:
     """The rows already in ``path`` (if any) followed by ``new_rows``, all written back to ``path``."""
-    rows = []
-    if path.is_file():
-        with path.open() as file:
-            rows = list(csv.DictReader(file))
-    rows += new_rows
+    rows = (read_csv(path) if path.is_file() else []) + new_rows
     if new_rows:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(path, rows, columns)
     return rows
 
 

@@ -335,10 +335,11 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """``rows`` as CSV: the comparison's ``COLUMNS`` (other keys left out), or exactly ``columns`` (other keys an error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=columns or COLUMNS, extrasaction="raise" if columns else "ignore")
         writer.writeheader()
         writer.writerows(rows)
 
