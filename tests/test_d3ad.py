@@ -293,14 +293,32 @@ def test_adaptation_needs_a_denoiser_epoch(tiny_dataset: Path, tmp_path: Path) -
 
 
 # --- configurations ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", ["cpu", "paper", "ddad"])
+@pytest.mark.parametrize("config", ["cpu", "paper", "ddad", "ddad_cpu"])
 def test_configs_build(config: str) -> None:
     init_args = yaml.safe_load((REPO / "configs" / "d3ad" / f"{config}.yaml").read_text())["model"]["init_args"]
     init_args.update(pre_trained=False, vae_path=None)  # no weights needed to check the arguments
     module = D3AD(**init_args)
-    if config == "ddad":
+    if config.startswith("ddad"):
         model = module.model
         assert model.step_mode == "fixed" and model.fixed_step == 250 and model.add_noise and model.condition_weight == 3
         assert module.adaptation_loss.frozen_weight == 0.1 and model.codec.vae is None
     else:
         assert module.model.step_mode == "image" and not module.model.add_noise
+
+
+DDAD_METHOD = (
+    "beta_start", "beta_end", "step_mode", "fixed_step", "ddim_steps", "add_noise", "condition_weight", "frozen_weight",
+    "pixel_weight", "feature_weight", "feature_weight_choices", "feature_pooling",
+)
+
+
+def test_ddad_cpu_config_is_ddads_method_on_the_cpu_configs_networks() -> None:
+    def read(name: str) -> dict:
+        return yaml.safe_load((REPO / "configs" / "d3ad" / f"{name}.yaml").read_text())
+
+    cpu, ddad, ddad_cpu = read("cpu"), read("ddad"), read("ddad_cpu")
+    args = ddad_cpu["model"]["init_args"]
+    assert {key: args[key] for key in DDAD_METHOD} == {key: ddad["model"]["init_args"][key] for key in DDAD_METHOD}
+    rest = {key: value for key, value in args.items() if key not in DDAD_METHOD}
+    assert rest == {key: value for key, value in cpu["model"]["init_args"].items() if key not in DDAD_METHOD}
+    assert {key: ddad_cpu[key] for key in ("trainer", "data")} == {key: cpu[key] for key in ("trainer", "data")}
