@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from validation import add_run_arguments, raw_metrics, report, update_csv
 
 from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS
 from anomalib_dpnr.config_files import config_path
-from validation import add_run_arguments, raw_metrics, report, update_csv
 
 CONFIG = config_path("diffusion_ad/cpu")
 COLUMNS = ["dataset", "overrides", "inference_mode", "split", "image_AUROC", "pixel_AUROC", "pixel_AUPRO",

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from validation import mask_like, metrics
 
 from anomalib_dpnr.compare import DATASETS, read_csv, update_readme, write_csv
 from anomalib_dpnr.config_files import config_path
-from validation import mask_like, metrics
 
 CONFIG = config_path("dpnr/cpu")  # whose data section (split, seed, batch size) the sweep uses
 TIMESTEPS = [(50,), (100,), (200,), (300,), (50, 100), (100, 200), (100, 200, 300)]

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from validation import mask_like, metrics
 
 from anomalib_dpnr.compare import DATASETS, write_csv
-from validation import mask_like, metrics
 
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip

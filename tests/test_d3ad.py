@@ -293,9 +293,14 @@ def test_adaptation_needs_a_denoiser_epoch(tiny_dataset: Path, tmp_path: Path) -
 
 
 # --- configurations ---------------------------------------------------------------------------------------------
+def d3ad_config(name: str) -> dict:
+    """``configs/d3ad/<name>.yaml`` as a dict."""
+    return yaml.safe_load((REPO / "configs" / "d3ad" / f"{name}.yaml").read_text())
+
+
 @pytest.mark.parametrize("config", ["cpu", "paper", "ddad", "ddad_cpu"])
 def test_configs_build(config: str) -> None:
-    init_args = yaml.safe_load((REPO / "configs" / "d3ad" / f"{config}.yaml").read_text())["model"]["init_args"]
+    init_args = d3ad_config(config)["model"]["init_args"]
     init_args.update(pre_trained=False, vae_path=None)  # no weights needed to check the arguments
     module = D3AD(**init_args)
     if config.startswith("ddad"):
@@ -313,10 +318,7 @@ DDAD_METHOD = (
 
 
 def test_ddad_cpu_config_is_ddads_method_on_the_cpu_configs_networks() -> None:
-    def read(name: str) -> dict:
-        return yaml.safe_load((REPO / "configs" / "d3ad" / f"{name}.yaml").read_text())
-
-    cpu, ddad, ddad_cpu = read("cpu"), read("ddad"), read("ddad_cpu")
+    cpu, ddad, ddad_cpu = d3ad_config("cpu"), d3ad_config("ddad"), d3ad_config("ddad_cpu")
     args = ddad_cpu["model"]["init_args"]
     assert {key: args[key] for key in DDAD_METHOD} == {key: ddad["model"]["init_args"][key] for key in DDAD_METHOD}
     rest = {key: value for key, value in args.items() if key not in DDAD_METHOD}
