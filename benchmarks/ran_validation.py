@@ -4,7 +4,8 @@ The raw KL and feature maps of every validation image are computed once (``RanMo
 then combines them: single levels vs the ensemble of all levels, pixel (KL) only (``alpha`` 1) vs feature only
 (``alpha`` 0) vs both, feature maps standardised or not. ``--guided`` adds the ensemble with gradient denoising on
 (Algorithm 1; 100 iterations per image by default, slow on a CPU). Only the validation half of the ``from_test`` split
-(seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is.
+(seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is. The last
+variants read the checkpoint's per-position statistics (``positional_statistics``) instead of its per-level ones.
 
     nice python benchmarks/ran_validation.py --ckpt results/Ran/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
         --csv benchmarks/results/ran_validation_bottle.csv [--guided]
@@ -21,6 +22,7 @@ import torch
 from validation import mask_like, metrics
 
 from anomalib_dpnr.compare import DATASETS, write_csv
+from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, ensemble
 
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip
@@ -38,14 +40,13 @@ def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
     return torch.cat(kls, dim=1), torch.cat(features, dim=1), torch.cat(labels), torch.cat(masks)
 
 
-def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool) -> tuple:
+def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool,
+            per_position: bool = False) -> tuple:  # fmt: skip
     """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics."""
-    from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, ensemble
-
     stored = module.model.normaliser
-    normaliser = LevelNormaliser(len(levels))
-    normaliser.fit(stored.mean[:, levels], stored.std[:, levels])
-    maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise))
+    normaliser = LevelNormaliser(len(levels), stored.size, stored.shrinkage)
+    normaliser.fit(*(statistic[:, levels] for statistic in (stored.mean, stored.std, stored.position_mean, stored.position_std)))
+    maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise, per_position))
     return scores, maps
 
 
@@ -80,6 +81,13 @@ def main() -> int:
     for name, levels, alpha, normalise in variants:
         scores, maps = combine(module, kl, feature, levels, alpha, normalise)
         rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(str(steps[i]) for i in levels), "alpha": alpha,
+                     "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
+                     "seconds": seconds})  # fmt: skip
+        print(rows[-1], flush=True)
+    for name, alpha, normalise in (("ensemble, per-position statistics", module.model.alpha, module.model.normalise_features),
+                                   ("both standardised, per-position statistics", 0.5, True)):  # fmt: skip
+        scores, maps = combine(module, kl, feature, list(range(count)), alpha, normalise, per_position=True)
+        rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(map(str, steps)), "alpha": alpha,
                      "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
                      "seconds": seconds})  # fmt: skip
         print(rows[-1], flush=True)

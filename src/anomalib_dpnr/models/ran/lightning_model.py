@@ -57,6 +57,11 @@ class Ran(DiffusionAnomalyModule):
         clip_denoised: Clip the predicted ``x_0`` to ``[-1, 1]`` in ``p_theta``'s mean at inference.
         alpha: Weight of the normalised KL map against the feature map (Eq. 11; reference 1 : 1, i.e. 0.5).
         normalise_features: Standardise the feature maps per level too (Eq. 11 standardises the KL maps only).
+        positional_statistics: Standardise each map pixel by the training images' mean and standard deviation at
+            that pixel position (per term and level) instead of one mean and standard deviation per level. Both
+            are fitted and saved; this only chooses the reading.
+        positional_shrinkage: Share of the level's variance over all pixels added to each position's variance
+            (guards positions where the training maps barely vary, such as a constant background).
         statistics_images: Training images (at most) the normalisation statistics are computed on.
         top_k: Image score = mean of the ``top_k`` largest map values (reference: 64).
         smoothing_sigma: Gaussian sigma on the anomaly map (0: none).
@@ -99,6 +104,8 @@ class Ran(DiffusionAnomalyModule):
         clip_denoised: bool = True,
         alpha: float = 0.5,
         normalise_features: bool = False,
+        positional_statistics: bool = False,
+        positional_shrinkage: float = 0.1,
         statistics_images: int = 256,
         top_k: int = 64,
         smoothing_sigma: float = 4.0,
@@ -152,6 +159,9 @@ class Ran(DiffusionAnomalyModule):
             clip_denoised=clip_denoised,
             alpha=alpha,
             normalise_features=normalise_features,
+            positional_statistics=positional_statistics,
+            positional_shrinkage=positional_shrinkage,
+            image_size=image_size,
             top_k=top_k,
             smoothing_sigma=smoothing_sigma,
             gradient_denoising=gradient_denoising,
@@ -176,9 +186,9 @@ class Ran(DiffusionAnomalyModule):
 
     @torch.no_grad()
     def fit_statistics(self, dataset: Dataset) -> None:
-        """Per-level mean and standard deviation of the raw KL and feature maps of (up to ``statistics_images``)
-        training images under the current networks (Eq. 11's normalisation)."""
-        accumulator = StatisticsAccumulator(len(self.model.inference_timesteps), self.device)
+        """Per-level and per-position mean and standard deviation of the raw KL and feature maps of (up to
+        ``statistics_images``) training images under the current networks (Eq. 11's normalisation)."""
+        accumulator = StatisticsAccumulator()
         for images in self.training_images(dataset, self.statistics_images):
             accumulator.add(*self.model.level_maps(images))
         self.model.normaliser.fit(*accumulator.result())

@@ -25,6 +25,7 @@ from anomalib_dpnr.components import (
     build_unet,
     check_images,
     gaussian_noise,
+    image_size_pair,
     unet_downsampling_factor,
 )
 from anomalib_dpnr.components.features import FeatureEmbedder
@@ -75,6 +76,9 @@ class RanModel(nn.Module):
         clip_denoised: bool = True,
         alpha: float = 0.5,
         normalise_features: bool = False,
+        positional_statistics: bool = False,
+        positional_shrinkage: float = 0.1,
+        image_size: int | tuple[int, int] = 256,
         top_k: int = 64,
         smoothing_sigma: float = 4.0,
         gradient_denoising: bool = False,
@@ -113,12 +117,13 @@ class RanModel(nn.Module):
         self.feature_stride = min(strides[layer] for layer in feature_layers)
         self.feature_head = FeatureHead(self.denoiser, feature_block, sum(dims[layer] for layer in feature_layers), norm_num_groups)
         self.guide = MahalanobisGuide(guidance_layers, [dims[layer] for layer in guidance_layers], guidance_features, inference_seed)
-        self.normaliser = LevelNormaliser(len(inference_timesteps))
+        self.normaliser = LevelNormaliser(len(inference_timesteps), image_size_pair(image_size), positional_shrinkage)
         self.scorer = AnomalyScorer(smoothing_sigma, top_k)
         self.inference_timesteps = tuple(int(t) for t in inference_timesteps)
         self.clip_denoised = clip_denoised
         self.alpha = alpha
         self.normalise_features = normalise_features
+        self.positional_statistics = positional_statistics
         self.gradient_denoising = gradient_denoising
         self.guidance_iterations = guidance_iterations
         self.guidance_step = guidance_step
@@ -198,7 +203,8 @@ class RanModel(nn.Module):
     def predict(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (Eq. 11, Gaussian-smoothed) and image score (top-k mean)."""
         kl, feature = self.level_maps(images)
-        anomaly_map, pred_score = self.scorer(ensemble(kl, feature, self.normaliser, self.alpha, self.normalise_features))
+        combined = ensemble(kl, feature, self.normaliser, self.alpha, self.normalise_features, self.positional_statistics)
+        anomaly_map, pred_score = self.scorer(combined)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     # --- training -----------------------------------------------------------------------------------------
