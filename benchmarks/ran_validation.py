@@ -5,10 +5,13 @@ then combines them: single levels vs the ensemble of all levels, pixel (KL) only
 (``alpha`` 0) vs both, feature maps standardised or not. ``--guided`` adds the ensemble with gradient denoising on
 (Algorithm 1; 100 iterations per image by default, slow on a CPU). Only the validation half of the ``from_test`` split
 (seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is. The last
-variants read the checkpoint's per-position statistics (``positional_statistics``) instead of its per-level ones.
+variants read the checkpoint's per-position statistics (``positional_statistics``) instead of its per-level ones, with
+several ``positional_shrinkage`` values.
 
     nice python benchmarks/ran_validation.py --ckpt results/Ran/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
         --csv benchmarks/results/ran_validation_bottle.csv [--guided]
+    python benchmarks/ran_validation.py --render benchmarks/results/ran_validation_bottle.csv \\
+        benchmarks/results/ran_validation_magnetic_tile.csv --readme src/anomalib_dpnr/models/ran/README.md
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from validation import mask_like, metrics
+from validation import mask_like, metrics, report
 
-from anomalib_dpnr.compare import DATASETS, write_csv
+from anomalib_dpnr.compare import DATASETS, read_csv, write_csv
 from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, ensemble
 
+SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip
 
@@ -41,23 +45,47 @@ def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
 
 
 def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool,
-            per_position: bool = False) -> tuple:  # fmt: skip
+            per_position: bool = False, shrinkage: float | None = None) -> tuple:  # fmt: skip
     """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics."""
     stored = module.model.normaliser
-    normaliser = LevelNormaliser(len(levels), stored.size, stored.shrinkage)
+    normaliser = LevelNormaliser(len(levels), stored.size, stored.shrinkage if shrinkage is None else shrinkage)
     normaliser.fit(*(statistic[:, levels] for statistic in (stored.mean, stored.std, stored.position_mean, stored.position_std)))
     maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise, per_position))
     return scores, maps
 
 
-def main() -> int:
+def table(paths: list[Path]) -> str:
+    """Markdown: one row per variant, image AUROC / pixel AUROC / PRO per dataset (CSV) side by side."""
+    by_dataset = {path: {row["variant"]: row for row in read_csv(path)} for path in paths}
+    variants = list(dict.fromkeys(variant for rows in by_dataset.values() for variant in rows))
+    names = [next(iter(rows.values()))["dataset"] for rows in by_dataset.values()]
+    lines = ["| variant | " + " | ".join(f"{name}: image AUROC / pixel AUROC / PRO" for name in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    for variant in variants:
+        cells = []
+        for rows in by_dataset.values():
+            row = rows.get(variant)
+            cells.append(" / ".join(f"{float(row[key]):.3f}" for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")) if row else "")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--render", nargs="+", type=Path, metavar="CSV", help="score nothing: tabulate these CSVs side by side")
+    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
+    parser.add_argument("--key", default="ran_validation", help="marker key of the --readme block")
+    parser.add_argument("--ckpt", type=Path)
     parser.add_argument("--dataset", default="bottle", choices=list(DATASETS))
     parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--csv", type=Path, required=True)
+    parser.add_argument("--csv", type=Path)
     parser.add_argument("--guided", action="store_true", help="also score with gradient denoising on (slow)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.render:
+        report([], table(args.render), args, "ran_validation.py", argv)
+        return 0
+    if args.ckpt is None or args.csv is None:
+        parser.error("--ckpt and --csv are required unless --render")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from anomalib.data import MVTecAD
 
@@ -73,10 +101,10 @@ def main() -> int:
     seconds = round(time.perf_counter() - start, 1)
     count = kl.shape[0]
     steps = module.model.inference_timesteps
-    variants = [("ensemble", list(range(count)), module.model.alpha, module.model.normalise_features)]
-    variants += [(f"level t={steps[i]}", [i], module.model.alpha, module.model.normalise_features) for i in range(count)]
+    variants = [("ensemble (Eq. 11: per-level statistics, KL standardised)", list(range(count)), module.model.alpha, False)]
+    variants += [(f"level t={steps[i]}", [i], module.model.alpha, False) for i in range(count)]
     variants += [("KL only", list(range(count)), 1.0, False), ("feature only", list(range(count)), 0.0, False)]
-    variants += [("both, features standardised", list(range(count)), 0.5, True)]
+    variants += [("both standardised, per-level statistics", list(range(count)), 0.5, True)]
     rows = []
     for name, levels, alpha, normalise in variants:
         scores, maps = combine(module, kl, feature, levels, alpha, normalise)
@@ -84,9 +112,10 @@ def main() -> int:
                      "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
                      "seconds": seconds})  # fmt: skip
         print(rows[-1], flush=True)
-    for name, alpha, normalise in (("ensemble, per-position statistics", module.model.alpha, module.model.normalise_features),
-                                   ("both standardised, per-position statistics", 0.5, True)):  # fmt: skip
-        scores, maps = combine(module, kl, feature, list(range(count)), alpha, normalise, per_position=True)
+    per_position = [("KL standardised, per-position statistics", 0.5, False, None)]
+    per_position += [(f"both standardised, per-position statistics, shrinkage {value:g}", 0.5, True, value) for value in SHRINKAGES]
+    for name, alpha, normalise, shrinkage in per_position:
+        scores, maps = combine(module, kl, feature, list(range(count)), alpha, normalise, True, shrinkage)
         rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(map(str, steps)), "alpha": alpha,
                      "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
                      "seconds": seconds})  # fmt: skip
