@@ -229,7 +229,7 @@ def test_gradient_denoising_without_the_diffusion_steps_is_plain_descent() -> No
 
 # --- every trained component receives gradient and changes the output -----------------------------------------
 def test_each_component_gets_gradient_and_changes_the_map() -> None:
-    module = Ran(**TINY_RAN, seed=0)
+    module = Ran(**TINY_RAN, seed=0, positional_statistics=True, normalise_features=True)  # the CPU config's reading
     model = module.model.train()
     output = model(images(4))
     losses = module.loss(output, model.schedule)
@@ -276,7 +276,7 @@ def test_feature_embedder_labels_layers_by_name_in_any_order() -> None:
 @pytest.fixture(scope="module")
 def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Ran, Path]:
     root = tmp_path_factory.mktemp("ran")
-    module = Ran(**TINY_RAN, seed=0)
+    module = Ran(**TINY_RAN, seed=0, positional_statistics=True, normalise_features=True)  # the CPU config's reading
     Engine(
         default_root_dir=root, max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False,
