@@ -180,6 +180,9 @@ def test_positional_statistics_switch_the_reading_of_one_fitted_model() -> None:
     assert not torch.allclose(model.predict(images(1)).anomaly_map, per_level)
     module = Ran(**{**TINY_RAN, "positional_statistics": True})
     assert module.model.positional_statistics and "model.normaliser.position_std" in module.state_dict()
+    wide = Ran(**{**TINY_RAN, "image_size": (64, 80)})  # the weights load at another size; the statistics keep theirs
+    wide.load_state_dict(module.state_dict())
+    assert wide.model.normaliser.size == (64, 64)
 
 
 @torch.no_grad()

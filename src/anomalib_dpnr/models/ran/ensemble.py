@@ -17,6 +17,7 @@ checkpoint.
 from __future__ import annotations
 
 import torch
+from anomalib.models.components.base import DynamicBufferMixin
 from torch import nn
 
 __all__ = ["LevelNormaliser", "StatisticsAccumulator", "ensemble"]
@@ -24,10 +25,11 @@ __all__ = ["LevelNormaliser", "StatisticsAccumulator", "ensemble"]
 TERMS = ("kl", "feature")
 
 
-class LevelNormaliser(nn.Module):
+class LevelNormaliser(DynamicBufferMixin, nn.Module):
     """Per-term, per-level mean and standard deviation of the raw maps, over all pixels (``mean``/``std``,
     ``[2, levels]``) and per pixel position (``position_mean``/``position_std``, ``[2, levels, H, W]``); identity
-    until fitted.
+    until fitted. A checkpoint's per-position statistics load at the size they were fitted at (anomalib's
+    ``DynamicBufferMixin``), so its weights also load into a model of another ``image_size``, read per level.
 
     Args:
         levels: Number of score levels.
@@ -66,7 +68,7 @@ class LevelNormaliser(nn.Module):
             return (scores - self.mean[term, level]) / self.std[term, level]
         if tuple(scores.shape[-2:]) != self.size:
             msg = (f"per-position statistics are {self.size[0]}x{self.size[1]}, the maps {scores.shape[-2]}x{scores.shape[-1]}: "
-                   "score images at the model's image_size")  # fmt: skip
+                   "score at the image_size the statistics were fitted at, or set positional_statistics false")  # fmt: skip
             raise ValueError(msg)
         variance = self.position_std[term, level] ** 2 + self.shrinkage * self.std[term, level] ** 2
         return (scores - self.position_mean[term, level]) / variance.sqrt().clamp_min(1e-12)
