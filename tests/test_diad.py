@@ -9,7 +9,7 @@ import torch
 from anomalib.engine import Engine
 from anomalib.models import Padim
 from conftest import TINY_DIAD, TINY_RAN
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
 from anomalib_dpnr import DiAD, Ran

@@ -10,11 +10,9 @@ of the schedule (a subset of the steps, as improved DDPM samples with).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from collections.abc import Callable
-
 from diffusers import DDPMScheduler
 from torch import nn
 
