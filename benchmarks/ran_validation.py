@@ -25,7 +25,8 @@ import torch
 from validation import mask_like, metrics, report
 
 from anomalib_dpnr.compare import DATASETS, read_csv, write_csv
-from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, ensemble
+from anomalib_dpnr.components.statistics import MapStatistics
+from anomalib_dpnr.models.ran.ensemble import ensemble
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
@@ -48,9 +49,10 @@ def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], 
             per_position: bool = False, shrinkage: float | None = None) -> tuple:  # fmt: skip
     """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics."""
     stored = module.model.normaliser
-    normaliser = LevelNormaliser(len(levels), stored.size, stored.shrinkage if shrinkage is None else shrinkage)
-    normaliser.fit(*(statistic[:, levels] for statistic in (stored.mean, stored.std, stored.position_mean, stored.position_std)))
-    maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise, per_position))
+    normaliser = MapStatistics((2, len(levels)), stored.size, stored.shrinkage if shrinkage is None else shrinkage)
+    normaliser.fit({name: buffer[:, levels] for name, buffer in stored.named_buffers() if name != "fitted"})
+    reading = "position" if per_position else "standard"
+    maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise, reading))
     return scores, maps
 
 

@@ -17,7 +17,7 @@ from anomalib_dpnr import D3AD
 from anomalib_dpnr.models.d3ad.dynamic_step import DynamicStep
 from anomalib_dpnr.models.d3ad.torch_model import D3ADModel
 
-MODEL_ARGS = {k: v for k, v in TINY_D3AD.items() if k not in {"image_size", "statistics_images"}}
+MODEL_ARGS = {k: v for k, v in TINY_D3AD.items() if k != "statistics_images"}
 
 
 def tiny_model(**overrides: object) -> D3ADModel:
@@ -114,6 +114,31 @@ def test_unweighted_feature_term_is_not_computed(monkeypatch: pytest.MonkeyPatch
     assert len(calls) == 1  # the input only (start step), no reconstruction features
     torch.testing.assert_close(out.anomaly_map, expected.anomaly_map)
     torch.testing.assert_close(out.pred_score, expected.pred_score)
+
+
+@torch.no_grad()
+def test_positional_statistics_switch_the_reading_of_one_fitted_model() -> None:
+    from anomalib_dpnr.components.statistics import MapAccumulator
+
+    model = tiny_model(step_mode="fixed", fixed_step=50)
+    accumulator = MapAccumulator()
+    accumulator.add(torch.stack(model.term_maps(images(4, seed=5))[:2]))
+    model.normaliser.fit(accumulator.result())
+    batch = images(2)
+    latent, feature, _ = model.term_maps(batch)
+    minmax = model.predict(batch).anomaly_map
+    model.positional_statistics = True
+    positional = model.predict(batch).anomaly_map
+    assert not torch.allclose(positional, minmax)
+    statistics = model.normaliser
+    expected = model.pixel_weight * statistics(latent, 0, "position") + model.feature_weight * statistics(feature, 1, "position")
+    torch.testing.assert_close(positional, model.scorer(expected)[0])
+    module = D3AD(**TINY_D3AD, positional_statistics=True)
+    assert module.model.positional_statistics and "model.normaliser.position_std" in module.state_dict()
+    with pytest.raises(ValueError, match="positional_statistics reads the map-normalisation statistics"):
+        D3AD(**TINY_D3AD, positional_statistics=True, normalise_maps=False)
+    with pytest.raises(ValueError, match="positional_shrinkage must be >= 0"):
+        D3AD(**TINY_D3AD, positional_shrinkage=-0.5)
 
 
 # --- reconstruction -------------------------------------------------------------------------------------------
@@ -224,9 +249,11 @@ def test_statistics_and_bins_come_from_training_images(adapted_run: tuple[D3AD, 
     data.setup()
     normaliser = module.model.normaliser
     assert bool(normaliser.fitted)
-    low, high = normaliser.low.clone(), normaliser.high.clone()
+    fitted = {name: buffer.clone() for name, buffer in normaliser.named_buffers()}
     module.fit_statistics(data.train_data)
-    assert torch.equal(normaliser.low, low) and torch.equal(normaliser.high, high)
+    for name, buffer in normaliser.named_buffers():
+        torch.testing.assert_close(buffer, fitted[name])
+    assert normaliser.position_mean.shape == (2, 64, 64) and (normaliser.high > normaliser.low).all()
     bank = module.model.dynamic.bank.clone()
     module.build_bank(data.train_data)
     assert torch.equal(module.model.dynamic.bank, bank) and bank.shape[0] == len(data.train_data)
@@ -261,8 +288,8 @@ def test_feature_weight_is_chosen_on_the_validation_split_after_the_statistics(
         for batch in data.val_dataloader():
             images, gt_mask = module.pre_processor.transform(batch.image, batch.gt_mask)
             latent, feature, _ = model.term_maps(images)
-            bases.append(model.scorer.blur(model.pixel_weight * model.normaliser(latent, 0)))
-            extras.append(model.scorer.blur(model.normaliser(feature, 1)))
+            bases.append(model.scorer.blur(model.pixel_weight * model.normaliser(latent, 0, "minmax")))
+            extras.append(model.scorer.blur(model.normaliser(feature, 1, "minmax")))
             masks.append(gt_mask.view(-1, 1, *gt_mask.shape[-2:]).bool())
     expected = best_weight(weight_scores(torch.cat(bases), torch.cat(extras), torch.cat(masks), choices))
     run = engine(tmp_path)

@@ -16,7 +16,8 @@ from test_reliability import datamodule, sample_images
 from anomalib_dpnr import Ran
 from anomalib_dpnr.components import NoiseSchedule
 from anomalib_dpnr.components.features import FeatureEmbedder
-from anomalib_dpnr.models.ran.ensemble import LevelNormaliser, StatisticsAccumulator, ensemble
+from anomalib_dpnr.components.statistics import MapAccumulator, MapStatistics
+from anomalib_dpnr.models.ran.ensemble import ensemble
 from anomalib_dpnr.models.ran.kl_score import discretized_gaussian_nll, normal_kl, variational_terms
 from anomalib_dpnr.models.ran.torch_model import RanModel
 
@@ -125,8 +126,12 @@ def test_step_zero_scores_the_decoder_likelihood() -> None:
 
 # --- ensemble -------------------------------------------------------------------------------------------------
 def test_ensemble_uses_the_stored_statistics() -> None:
-    normaliser = LevelNormaliser(2, (2, 2))
-    normaliser.fit(torch.tensor([[1.0, 10.0], [0.5, 0.0]]), torch.tensor([[2.0, 5.0], [0.25, 1.0]]), torch.zeros(2, 2, 2, 2), torch.ones(2, 2, 2, 2))
+    normaliser = MapStatistics((2, 2), (2, 2))
+    normaliser.fit({
+        "low": torch.zeros(2, 2), "high": torch.ones(2, 2),
+        "mean": torch.tensor([[1.0, 10.0], [0.5, 0.0]]), "std": torch.tensor([[2.0, 5.0], [0.25, 1.0]]),
+        "position_mean": torch.zeros(2, 2, 2, 2), "position_std": torch.ones(2, 2, 2, 2),
+    })  # fmt: skip
     kl = torch.stack([torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), 20.0)])
     feature = torch.stack([torch.full((1, 1, 2, 2), 1.0), torch.full((1, 1, 2, 2), 2.0)])
     # level 0: 0.25 * (3 - 1) / 2 + 0.75 * 1; level 1: 0.25 * (20 - 10) / 5 + 0.75 * 2; averaged
@@ -137,43 +142,25 @@ def test_ensemble_uses_the_stored_statistics() -> None:
     torch.testing.assert_close(ensemble(kl, feature, normaliser, 0.25, True), torch.full((1, 1, 2, 2), expected))
 
 
-def test_positional_statistics_discount_only_positions_high_on_normal_images() -> None:
-    normal = torch.rand(2, 6, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # [terms: kl, feature][6 images]
-    normal[:, :, :, 0, 0] += 5.0  # high on every normal image at one position (a border, say)
-    accumulator = StatisticsAccumulator()
-    accumulator.add(normal[0, None, :3], normal[1, None, :3])
-    accumulator.add(normal[0, None, 3:], normal[1, None, 3:])
-    mean, std, position_mean, position_std = accumulator.result()
-    torch.testing.assert_close(position_mean, normal.mean(dim=1))  # [2, levels, H, W] (the channel axis is the one level)
-    torch.testing.assert_close(position_std, normal.std(dim=1, unbiased=False))
-    torch.testing.assert_close(mean, normal.flatten(1).mean(dim=1)[:, None])
-    torch.testing.assert_close(std, normal.flatten(1).std(dim=1, unbiased=False)[:, None])
-    normaliser = LevelNormaliser(1, (4, 4), shrinkage=0.1)
-    normaliser.fit(mean, std, position_mean, position_std)
+def test_positional_ensemble_discounts_only_positions_high_on_normal_images() -> None:
+    normal = torch.rand(2, 1, 6, 1, 4, 4, generator=torch.Generator().manual_seed(0))  # [terms, levels, images, 1, H, W]
+    normal[..., 0, 0] += 5.0  # high on every normal image at one position (a border, say)
+    accumulator = MapAccumulator()
+    accumulator.add(normal)
+    normaliser = MapStatistics((2, 1), (4, 4), shrinkage=0.1)
+    normaliser.fit(accumulator.result())
     test = torch.full((1, 1, 1, 4, 4), 0.5)
     test[..., 0, 0] = test[..., 2, 2] = 5.5  # the usual border value and a real anomaly of the same height
-    per_level, per_position = (ensemble(test, test, normaliser, 0.5, True, positional)[0, 0] for positional in (False, True))
+    per_level, per_position = (ensemble(test, test, normaliser, 0.5, True, reading)[0, 0] for reading in ("standard", "position"))
     assert per_level[0, 0] == per_level[2, 2]  # per level: the border looks as anomalous as the defect
     assert per_position[2, 2] > per_position[0, 0] + 5  # per position: only the defect stands out
-    with pytest.raises(ValueError, match="per-position statistics are 4x4, the maps 8x8"):
-        normaliser(torch.zeros(1, 1, 8, 8), 0, 0, per_position=True)
-    normal[:, :, :, 3, 3] = 0.5  # a constant background position: its own variance is 0
-    accumulator = StatisticsAccumulator()
-    accumulator.add(normal[0, None], normal[1, None])
-    statistics = accumulator.result()
-    scores = []
-    for shrinkage in (0.0, 0.1):
-        normaliser = LevelNormaliser(1, (4, 4), shrinkage)
-        normaliser.fit(*statistics)
-        scores.append(normaliser(torch.full((1, 1, 4, 4), 0.6), 0, 0, per_position=True)[0, 0, 3, 3])
-    assert scores[0] > 1e9 and scores[1] < 10  # the ridge keeps a 0.1 step on a constant position a modest score
 
 
 def test_positional_statistics_switch_the_reading_of_one_fitted_model() -> None:
     model = tiny_model(image_size=64)
-    accumulator = StatisticsAccumulator()
-    accumulator.add(*model.level_maps(images(4, seed=5)))
-    model.normaliser.fit(*accumulator.result())
+    accumulator = MapAccumulator()
+    accumulator.add(torch.stack(model.level_maps(images(4, seed=5))))
+    model.normaliser.fit(accumulator.result())
     assert model.normaliser.position_mean.shape == (2, 3, 64, 64)
     per_level = model.predict(images(1)).anomaly_map
     model.positional_statistics = True
@@ -189,7 +176,7 @@ def test_positional_statistics_switch_the_reading_of_one_fitted_model() -> None:
 def test_scores_do_not_depend_on_the_batch() -> None:
     model = tiny_model()
     mean, std = torch.tensor([[0.1, 0.01, 0.001], [5.0, 5.0, 5.0]]), torch.tensor([[0.2, 0.02, 0.01], [2.0, 2.0, 2.0]])
-    model.normaliser.fit(mean, std, torch.zeros_like(model.normaliser.position_mean), torch.ones_like(model.normaliser.position_std))
+    model.normaliser.mean.copy_(mean), model.normaliser.std.copy_(std)
     alone = model.predict(images(1, seed=1))
     outlier = torch.ones(1, 3, 64, 64)  # a batch statistic would move with it
     together = model.predict(torch.cat([images(1, seed=1), outlier]))

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
+from anomalib_dpnr.components.statistics import MapAccumulator
 from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
 
 from .loss import DenoisingLoss, DomainAdaptationLoss
@@ -80,7 +81,13 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
             thresholds: the one whose map has the highest pixel AUROC + PRO on the validation masks (saved in the
             checkpoint); null (reference) keeps ``feature_weight``.
         feature_pooling: Mean-filter size on backbone features before the cosine distance (DDAD: 3).
-        normalise_maps: Min-max normalise each map term with training-image statistics.
+        normalise_maps: Normalise each map term with statistics of training images' maps (reference: min-max).
+        positional_statistics: Standardise each term per pixel position instead of min-max: the mean and standard
+            deviation at each position over the training images, so positions high on normal images too (borders,
+            an aligned object's fixed structure) are discounted there only. Both are fitted, so either reads a
+            checkpoint.
+        positional_shrinkage: Share of the term's variance over all pixels added to each position's variance, so
+            positions that barely vary on training images do not turn small differences into huge scores.
         statistics_images: Training images (at most) the normalisation statistics are computed on.
         smoothing_sigma: Gaussian sigma on the anomaly map (reference: 4).
         inference_seed: Seed of the fixed inference noise (``add_noise`` only).
@@ -131,6 +138,8 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
         feature_weight_choices: Sequence[float] | None = None,
         feature_pooling: int = 1,
         normalise_maps: bool = True,
+        positional_statistics: bool = False,
+        positional_shrinkage: float = 0.1,
         statistics_images: int = 256,
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
@@ -158,7 +167,11 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
         if statistics_images < 1:
             msg = f"statistics_images must be >= 1, got {statistics_images}"
             raise ValueError(msg)
+        if positional_statistics and not normalise_maps:
+            msg = "positional_statistics reads the map-normalisation statistics: it needs normalise_maps true"
+            raise ValueError(msg)
         self.model = D3ADModel(
+            image_size=image_size,
             vae_path=vae_path,
             latent_scale=latent_scale,
             num_timesteps=num_timesteps,
@@ -192,6 +205,8 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
             feature_weight=feature_weight,
             feature_pooling=feature_pooling,
             normalise_maps=normalise_maps,
+            positional_statistics=positional_statistics,
+            positional_shrinkage=positional_shrinkage,
             smoothing_sigma=smoothing_sigma,
             inference_seed=inference_seed,
         )
@@ -213,13 +228,12 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
 
     @torch.no_grad()
     def fit_statistics(self, dataset: Dataset) -> None:
-        """Per-term minimum and maximum of the raw map terms over (up to ``statistics_images``) training images."""
-        low = torch.full((2,), float("inf"), device=self.device)
-        high = torch.full((2,), float("-inf"), device=self.device)
+        """Per-term minimum, maximum, mean and standard deviation of the raw map terms, over all pixels and per
+        position, of (up to ``statistics_images``) training images."""
+        accumulator = MapAccumulator()
         for images in self.training_images(dataset, self.statistics_images):
-            terms = torch.stack([t.float().flatten(1) for t in self.model.term_maps(images)[:2]])  # [2, B, HW]
-            low, high = torch.minimum(low, terms.amin(dim=(1, 2))), torch.maximum(high, terms.amax(dim=(1, 2)))
-        self.model.normaliser.fit(low, high)
+            accumulator.add(torch.stack(self.model.term_maps(images)[:2]).float())  # [2, B, 1, H, W]
+        self.model.normaliser.fit(accumulator.result())
 
     def setup(self, stage: str | None = None) -> None:
         """Check the epochs leave room for the denoiser; build the kNN bank from the training set."""

@@ -5,7 +5,8 @@ space without a VAE). Inference (Fig. 2 of D3AD): a kNN estimate on backbone fea
 region's) start step ``t`` (``DynamicStep``), the latent is scaled to ``sqrt(abar_t) z0`` (no noise added;
 ``add_noise`` adds it, as DDAD does), denoised by conditioned DDIM (``ddim_reconstruct``), and the anomaly map
 combines the latent/pixel distance with the feature distance of a (domain-adapted) backbone between input and
-reconstruction, each normalised by statistics of training images (``MapNormaliser``).
+reconstruction, each normalised by statistics of training images (``MapStatistics``: min-max as the reference, or
+per pixel position with ``positional_statistics``).
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from anomalib_dpnr.components import (
     build_unet,
     check_images,
     gaussian_noise,
+    image_size_pair,
     unet_downsampling_factor,
 )
 from anomalib_dpnr.components.features import FeatureEmbedder
 from anomalib_dpnr.components.latent import LatentCodec
+from anomalib_dpnr.components.statistics import MapStatistics
 
 from .conditioning import ddim_reconstruct
 from .domain_adaptation import AdaptedBackbone
 from .dynamic_step import DynamicStep
 
-__all__ = ["D3ADModel", "D3ADOutput", "MapNormaliser", "STEP_MODES"]
+__all__ = ["D3ADModel", "D3ADOutput", "STEP_MODES"]
 
 STEP_MODES = ("image", "region", "fixed")
 
@@ -48,36 +51,12 @@ class D3ADOutput:
     timesteps: torch.Tensor
 
 
-class MapNormaliser(nn.Module):
-    """``(m - low) / (high - low)`` per map term, with ``low``/``high`` the minimum and maximum of that term over
-    training images (fitted when validation starts during fit); identity until fitted.
-
-    Args:
-        terms: Number of map terms.
-    """
-
-    def __init__(self, terms: int = 2) -> None:
-        super().__init__()
-        self.register_buffer("low", torch.zeros(terms))
-        self.register_buffer("high", torch.ones(terms))
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-
-    def fit(self, low: torch.Tensor, high: torch.Tensor) -> None:
-        """Store per-term minima and maxima ``[terms]``."""
-        self.low.copy_(low)
-        self.high.copy_(high)
-        self.fitted.fill_(True)
-
-    def forward(self, term: torch.Tensor, index: int) -> torch.Tensor:
-        """Normalise map term ``index``."""
-        return (term - self.low[index]) / (self.high[index] - self.low[index]).clamp_min(1e-12)
-
-
 class D3ADModel(nn.Module):
     """D3AD / DDAD (see module docstring). Arguments mirror ``anomalib_dpnr.D3AD``."""
 
     def __init__(
         self,
+        image_size: int | tuple[int, int] = 256,
         vae_path: str | Path | None = None,
         latent_scale: float | None = None,
         num_timesteps: int = 1000,
@@ -111,6 +90,8 @@ class D3ADModel(nn.Module):
         feature_weight: float = 0.15,
         feature_pooling: int = 1,
         normalise_maps: bool = True,
+        positional_statistics: bool = False,
+        positional_shrinkage: float = 0.1,
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
     ) -> None:
@@ -144,7 +125,7 @@ class D3ADModel(nn.Module):
         self.score_indices = [union.index(layer) for layer in layers]
         self.dynamic = DynamicStep(knn_k, knn_bins, min_bin, max_step, step_rounding, "region" if step_mode == "region" else "image")
         self.adapted = AdaptedBackbone(self.backbone) if domain_adaptation else None
-        self.normaliser = MapNormaliser(terms=2)
+        self.normaliser = MapStatistics((2,), image_size_pair(image_size), positional_shrinkage)  # latent, feature
         self.scorer = AnomalyScorer(smoothing_sigma, top_k=1)  # image score = the map's maximum
         self.knn_pool_size = knn_pool_size
         self.step_mode = step_mode
@@ -157,6 +138,7 @@ class D3ADModel(nn.Module):
         self.feature_weight = feature_weight
         self.feature_pooling = feature_pooling
         self.normalise_maps = normalise_maps
+        self.positional_statistics = positional_statistics
         self.inference_seed = inference_seed
         factor = unet_downsampling_factor(block_out_channels) * self.codec.factor
         self.size_multiple = max(factor, self.backbone.size_multiple)
@@ -260,9 +242,11 @@ class D3ADModel(nn.Module):
         return self.term_maps(images)[:2]
 
     def weighted_terms(self, latent: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pixel_weight * norm(latent), norm(feature))``: the map before smoothing is ``base + feature_weight * extra``."""
+        """``(pixel_weight * norm(latent), norm(feature))``: the map before smoothing is ``base + feature_weight * extra``.
+        ``norm``: min-max over training pixels, or per position (``positional_statistics``)."""
         if self.normalise_maps:
-            latent, feature = self.normaliser(latent, 0), self.normaliser(feature, 1)
+            reading = "position" if self.positional_statistics else "minmax"
+            latent, feature = self.normaliser(latent, 0, reading), self.normaliser(feature, 1, reading)
         return self.pixel_weight * latent, feature
 
     def score_maps(self, latent: torch.Tensor, feature: torch.Tensor) -> InferenceBatch:

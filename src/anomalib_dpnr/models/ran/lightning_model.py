@@ -24,8 +24,8 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
+from anomalib_dpnr.components.statistics import MapAccumulator
 
-from .ensemble import StatisticsAccumulator
 from .loss import RanLoss
 from .torch_model import RanModel
 
@@ -188,10 +188,10 @@ class Ran(DiffusionAnomalyModule):
     def fit_statistics(self, dataset: Dataset) -> None:
         """Per-level and per-position mean and standard deviation of the raw KL and feature maps of (up to
         ``statistics_images``) training images under the current networks (Eq. 11's normalisation)."""
-        accumulator = StatisticsAccumulator()
+        accumulator = MapAccumulator()
         for images in self.training_images(dataset, self.statistics_images):
-            accumulator.add(*self.model.level_maps(images))
-        self.model.normaliser.fit(*accumulator.result())
+            accumulator.add(torch.stack(self.model.level_maps(images)))  # [terms, levels, B, 1, H, W]
+        self.model.normaliser.fit(accumulator.result())
 
     def setup(self, stage: str | None = None) -> None:
         """Fit the gradient-denoising Gaussian from the training set when fit starts."""

@@ -29,8 +29,9 @@ from anomalib_dpnr.components import (
     unet_downsampling_factor,
 )
 from anomalib_dpnr.components.features import FeatureEmbedder
+from anomalib_dpnr.components.statistics import MapStatistics
 
-from .ensemble import LevelNormaliser, ensemble
+from .ensemble import TERMS, ensemble
 from .feature_head import FeatureHead, feature_error
 from .gradient_denoising import MahalanobisGuide, gradient_denoise
 from .kl_score import reverse_step, variational_terms
@@ -117,7 +118,7 @@ class RanModel(nn.Module):
         self.feature_stride = min(strides[layer] for layer in feature_layers)
         self.feature_head = FeatureHead(self.denoiser, feature_block, sum(dims[layer] for layer in feature_layers), norm_num_groups)
         self.guide = MahalanobisGuide(guidance_layers, [dims[layer] for layer in guidance_layers], guidance_features, inference_seed)
-        self.normaliser = LevelNormaliser(len(inference_timesteps), image_size_pair(image_size), positional_shrinkage)
+        self.normaliser = MapStatistics((len(TERMS), len(inference_timesteps)), image_size_pair(image_size), positional_shrinkage)
         self.scorer = AnomalyScorer(smoothing_sigma, top_k)
         self.inference_timesteps = tuple(int(t) for t in inference_timesteps)
         self.clip_denoised = clip_denoised
@@ -203,7 +204,8 @@ class RanModel(nn.Module):
     def predict(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (Eq. 11, Gaussian-smoothed) and image score (top-k mean)."""
         kl, feature = self.level_maps(images)
-        combined = ensemble(kl, feature, self.normaliser, self.alpha, self.normalise_features, self.positional_statistics)
+        reading = "position" if self.positional_statistics else "standard"
+        combined = ensemble(kl, feature, self.normaliser, self.alpha, self.normalise_features, reading)
         anomaly_map, pred_score = self.scorer(combined)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
