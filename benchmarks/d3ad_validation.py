@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 from ran_validation import table
-from validation import mask_like, metrics, report
+from validation import add_checkpoint_arguments, mask_like, metrics, report, validation_loader
 
-from anomalib_dpnr.compare import DATASETS, write_csv
+from anomalib_dpnr.compare import write_csv
 from anomalib_dpnr.components.statistics import MapStatistics
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
@@ -60,14 +59,8 @@ def best_row(module, latent, feature, labels, masks, statistics: MapStatistics, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--render", nargs="+", type=Path, metavar="CSV", help="score nothing: tabulate these CSVs side by side")
-    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
-    parser.add_argument("--key", default="d3ad_validation", help="marker key of the --readme block")
-    parser.add_argument("--ckpt", type=Path)
-    parser.add_argument("--dataset", default="bottle", choices=list(DATASETS))
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    add_checkpoint_arguments(parser, "d3ad_validation")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.15, 0.85, 5.0], help="feature_weight choices")
-    parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
     if args.render:
         report([], table(args.render), args, "d3ad_validation.py", argv)
@@ -75,20 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt is None or args.csv is None:
         parser.error("--ckpt and --csv are required unless --render")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from anomalib.data import MVTecAD
-
     from anomalib_dpnr import D3AD
 
     module = D3AD.load_from_checkpoint(args.ckpt).eval()
     stored = module.model.normaliser
     if not bool(stored.fitted):
         parser.error(f"{args.ckpt} holds no fitted map statistics (train with validation at the last epoch)")
-    root, category, _ = DATASETS[args.dataset]
-    data = MVTecAD(root=args.data_root / root, category=category, eval_batch_size=16, num_workers=0,
-                   val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
-    data.setup()
+    loader = validation_loader(args.dataset, args.data_root)
     start = time.perf_counter()
-    latent, feature, labels, masks = raw_maps(module, data.val_dataloader())
+    latent, feature, labels, masks = raw_maps(module, loader)
     seconds = round(time.perf_counter() - start, 1)
     variants = [("min-max over all pixels (reference)", "minmax", stored.shrinkage)]
     variants += [(f"per-position statistics, shrinkage {value:g}", "position", value) for value in SHRINKAGES]

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from validation import mask_like, metrics, report
+from validation import add_checkpoint_arguments, mask_like, metrics, report, validation_loader
 
-from anomalib_dpnr.compare import DATASETS, read_csv, write_csv
+from anomalib_dpnr.compare import read_csv, write_csv
 from anomalib_dpnr.components.statistics import MapStatistics
 from anomalib_dpnr.models.ran.ensemble import ensemble
 
@@ -74,13 +74,7 @@ def table(paths: list[Path]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--render", nargs="+", type=Path, metavar="CSV", help="score nothing: tabulate these CSVs side by side")
-    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
-    parser.add_argument("--key", default="ran_validation", help="marker key of the --readme block")
-    parser.add_argument("--ckpt", type=Path)
-    parser.add_argument("--dataset", default="bottle", choices=list(DATASETS))
-    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
-    parser.add_argument("--csv", type=Path)
+    add_checkpoint_arguments(parser, "ran_validation")
     parser.add_argument("--guided", action="store_true", help="also score with gradient denoising on (slow)")
     args = parser.parse_args(argv)
     if args.render:
@@ -89,17 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.ckpt is None or args.csv is None:
         parser.error("--ckpt and --csv are required unless --render")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from anomalib.data import MVTecAD
-
     from anomalib_dpnr import Ran
 
     module = Ran.load_from_checkpoint(args.ckpt).eval()
-    root, category, _ = DATASETS[args.dataset]
-    data = MVTecAD(root=args.data_root / root, category=category, eval_batch_size=16, num_workers=0,
-                   val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
-    data.setup()
+    loader = validation_loader(args.dataset, args.data_root)
     start = time.perf_counter()
-    kl, feature, labels, masks = raw_maps(module, data.val_dataloader())
+    kl, feature, labels, masks = raw_maps(module, loader)
     seconds = round(time.perf_counter() - start, 1)
     count = kl.shape[0]
     steps = module.model.inference_timesteps
@@ -125,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guided:
         module.model.gradient_denoising = True
         start = time.perf_counter()
-        kl, feature, labels, masks = raw_maps(module, data.val_dataloader())
+        kl, feature, labels, masks = raw_maps(module, loader)
         scores, maps = combine(module, kl, feature, list(range(count)), module.model.alpha, module.model.normalise_features)
         rows.append({"dataset": args.dataset, "variant": "ensemble, gradient denoising", "levels": " ".join(map(str, steps)),
                      "alpha": module.model.alpha, "normalise_features": module.model.normalise_features, "gradient_denoising": True,

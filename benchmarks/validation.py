@@ -141,6 +141,28 @@ def add_run_arguments(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument("overrides", nargs="*", help="CLI overrides after --, e.g. -- --model.learning_rate 0.0002")
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, key: str) -> None:
+    """Options of the scripts that score a trained checkpoint's variants on a validation half."""
+    parser.add_argument("--render", nargs="+", type=Path, metavar="CSV", help="score nothing: tabulate these CSVs side by side")
+    parser.add_argument("--readme", type=Path, action="append", default=[], help="README(s) whose bench:KEY block to fill")
+    parser.add_argument("--key", default=key, help="marker key of the --readme block")
+    parser.add_argument("--ckpt", type=Path)
+    parser.add_argument("--dataset", default="bottle", choices=list(DATASETS))
+    parser.add_argument("--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--csv", type=Path)
+
+
+def validation_loader(dataset: str, data_root: Path, batch_size: int = 16):  # noqa: ANN201
+    """The validation half of ``dataset``'s ``from_test`` split (seed 42, as ``anomalib-dpnr compare``)."""
+    from anomalib.data import MVTecAD
+
+    sub, category, _ = DATASETS[dataset]
+    data = MVTecAD(root=data_root / sub, category=category, eval_batch_size=batch_size, num_workers=0,
+                   val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
+    data.setup()
+    return data.val_dataloader()
+
+
 def report(rows: list[dict], table: str, args: argparse.Namespace, script: str, argv: list[str] | None) -> None:
     """Print ``table`` and write it, with the command that made it, into each ``--readme``."""
     print(table)
