@@ -47,6 +47,7 @@ def _built(**overrides: object) -> Dpnr:
 
     Images.collate_fn = staticmethod(Batch)
     module.build_repository(Images())
+    module.training_set = Images()  # what the repository (and the map statistics) are fitted on
     return module
 
 
@@ -643,6 +644,29 @@ def test_feature_weight_is_fitted_on_the_validation_split_and_saved(tiny_dataset
     assert Dpnr.load_from_checkpoint(path).model.feature_weight == expected
     fixed = Dpnr.load_from_checkpoint(path, feature_weight=0.5, feature_weight_choices=None)
     assert fixed.model.feature_weight == 0.5  # without choices the configured weight stands
+
+
+@torch.no_grad()
+def test_positional_statistics_come_from_training_images_and_change_the_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = _built()
+    assert not plain.fits_statistics  # the raw terms: nothing to fit
+    module = _built(positional_statistics=True, statistics_images=4).eval()
+    assert module.fits_statistics
+    module.fit_statistics(module.training_set)
+    model, batch = module.model, _images(2, seed=3)
+    statistics = model.normaliser
+    assert bool(statistics.fitted) and statistics.position_mean.shape == (2, 64, 64)
+    expected = torch.stack(model.mean_discrepancy(_images(4), features=True)).mean(dim=1)[:, 0]  # the first 4 training images
+    torch.testing.assert_close(statistics.position_mean, expected, atol=1e-5, rtol=1e-4)
+    pixel, feature = model.mean_discrepancy(batch, features=True)
+    positional = model.score_maps(pixel, feature)
+    model.positional_statistics = False
+    raw = model.score_maps(pixel, feature)
+    assert not torch.allclose(positional.anomaly_map, raw.anomaly_map)
+    standardised = statistics(pixel, 0, "position") * model.pixel_weight + model.feature_weight * statistics(feature, 1, "position")
+    torch.testing.assert_close(positional.anomaly_map, model.scorer.blur(standardised))
+    with pytest.raises(ValueError, match="statistics_images must be >= 1"):
+        Dpnr(**TINY_DPNR, positional_statistics=True, statistics_images=0)
 
 
 def test_feature_weight_stays_without_validation_masks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,8 @@ stored as buffers, never statistics of the batch being scored. ``MapStatistics``
   the training maps barely vary (a constant background) would turn tiny differences into huge scores, so their
   variance is ridged with a share of the slot's variance over all pixels.
 
-All three are fitted in one pass (``MapAccumulator``), so any reading works on the same checkpoint.
+All three are fitted in one pass (``MapAccumulator``), so any reading works on the same checkpoint;
+``FittedMapStatistics`` fits them when validation starts during fit.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from collections.abc import Sequence
 
 import torch
 from anomalib.models.components.base import DynamicBufferMixin
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.utils.data import Dataset
 
-__all__ = ["READINGS", "MapAccumulator", "MapStatistics"]
+__all__ = ["READINGS", "FittedMapStatistics", "MapAccumulator", "MapStatistics", "check_statistics_images"]
 
 READINGS = ("minmax", "standard", "position")
 STATISTICS = ("low", "high", "mean", "std", "position_mean", "position_std")
@@ -127,3 +130,56 @@ class MapAccumulator:
         std, position_std = ((x2 - x**2).clamp_min(0).sqrt() for x, x2 in ((mean, square), (position_mean, position_square)))
         values = (self.low, self.high, mean, std, position_mean, position_std)
         return {name: value.float() for name, value in zip(STATISTICS, values, strict=True)}
+
+
+def check_statistics_images(count: int) -> int:
+    """``count`` if it is a positive number of images, else a clear error."""
+    if count < 1:
+        msg = f"statistics_images must be >= 1, got {count}"
+        raise ValueError(msg)
+    return count
+
+
+class FittedMapStatistics:
+    """Lightning-module mixin: when validation starts during fit (not the sanity check; once per global step), the
+    model's ``normaliser`` (``MapStatistics``) is fitted on the raw maps of up to ``statistics_images`` training
+    images under the current networks, so thresholds and a fitted ``feature_weight`` are read on the final
+    statistics. Put it after ``FittedFeatureWeight`` and before ``DiffusionAnomalyModule`` in the bases (the
+    statistics are then fitted first), set ``self.statistics_images`` (``check_statistics_images``) in
+    ``__init__``; the torch model provides ``normaliser`` and ``statistics_maps(images) -> [*slots, B, 1, H, W]``.
+    ``fits_statistics`` (default true) turns the fitting off when nothing reads the statistics.
+    """
+
+    statistics_images: int
+    _statistics_step: int | None = None
+
+    @property
+    def fits_statistics(self) -> bool:
+        """Whether this model reads the statistics (so fit needs them)."""
+        return True
+
+    @torch.no_grad()
+    def fit_statistics(self, dataset: Dataset) -> None:
+        """Every kind of ``MapStatistics`` of the raw maps of (up to ``statistics_images``) training images."""
+        accumulator = MapAccumulator()
+        for images in self.training_images(dataset, self.statistics_images):  # type: ignore[attr-defined]
+            accumulator.add(self.model.statistics_maps(images).float())  # type: ignore[attr-defined]
+        self.model.normaliser.fit(accumulator.result())  # type: ignore[attr-defined]
+
+    def on_validation_start(self) -> None:
+        """During fit: the statistics of the training images under the current networks, then the rest."""
+        trainer = self.trainer  # type: ignore[attr-defined]
+        fitting = self.fits_statistics and trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and self._statistics_step != self.global_step:  # type: ignore[attr-defined]
+            self.fit_statistics(self.fitting_data("the map-normalisation statistics"))  # type: ignore[attr-defined]
+            self._statistics_step = self.global_step  # type: ignore[attr-defined]
+        super().on_validation_start()  # type: ignore[misc]
+
+    def on_test_start(self) -> None:
+        """Warn when the statistics were never fitted (no validation ran during fit): maps are unnormalised."""
+        super().on_test_start()  # type: ignore[misc]
+        if self.fits_statistics and not bool(self.model.normaliser.fitted):  # type: ignore[attr-defined]
+            rank_zero_warn(
+                f"{type(self).__name__}: the map-normalisation statistics are not fitted (no validation ran during fit); "
+                "maps are unnormalised"
+            )

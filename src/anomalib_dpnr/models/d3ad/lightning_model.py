@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
-from anomalib_dpnr.components.statistics import MapAccumulator
+from anomalib_dpnr.components.statistics import FittedMapStatistics, check_statistics_images
 from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
 
 from .loss import DenoisingLoss, DomainAdaptationLoss
@@ -30,7 +30,7 @@ from .torch_model import D3ADModel
 __all__ = ["D3AD"]
 
 
-class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
+class D3AD(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
     """D3AD: kNN-guided dynamic noise step, scaled conditioned DDIM reconstruction, domain-adapted features.
 
     One ``anomalib train`` runs three phases: ``setup("fit")`` builds the kNN feature bank and its histogram
@@ -164,9 +164,7 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
         if domain_adaptation and domain_adaptation_epochs < 1:
             msg = f"domain_adaptation needs domain_adaptation_epochs >= 1, got {domain_adaptation_epochs} (or set domain_adaptation: false)"
             raise ValueError(msg)
-        if statistics_images < 1:
-            msg = f"statistics_images must be >= 1, got {statistics_images}"
-            raise ValueError(msg)
+        self.statistics_images = check_statistics_images(statistics_images)
         if positional_statistics and not normalise_maps:
             msg = "positional_statistics reads the map-normalisation statistics: it needs normalise_maps true"
             raise ValueError(msg)
@@ -215,10 +213,8 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
         self.adaptation_loss = DomainAdaptationLoss(frozen_weight)
         self.domain_adaptation_epochs = domain_adaptation_epochs if domain_adaptation else 0
         self.adaptation_learning_rate = adaptation_learning_rate
-        self.statistics_images = statistics_images
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self._statistics_step: int | None = None
 
     # --- fitted state ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -226,14 +222,10 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
         """kNN feature bank, leave-one-out training distances and histogram bins from all training images."""
         self.model.dynamic.fit(torch.cat([self.model.bank_features(images) for images in self.training_images(dataset)]))
 
-    @torch.no_grad()
-    def fit_statistics(self, dataset: Dataset) -> None:
-        """Per-term minimum, maximum, mean and standard deviation of the raw map terms, over all pixels and per
-        position, of (up to ``statistics_images``) training images."""
-        accumulator = MapAccumulator()
-        for images in self.training_images(dataset, self.statistics_images):
-            accumulator.add(torch.stack(self.model.term_maps(images)[:2]).float())  # [2, B, 1, H, W]
-        self.model.normaliser.fit(accumulator.result())
+    @property
+    def fits_statistics(self) -> bool:
+        """The map-normalisation statistics are fitted only when the map reads them (``normalise_maps``)."""
+        return self.model.normalise_maps
 
     def setup(self, stage: str | None = None) -> None:
         """Check the epochs leave room for the denoiser; build the kNN bank from the training set."""
@@ -251,16 +243,6 @@ class D3AD(FittedFeatureWeight, DiffusionAnomalyModule):
             raise ValueError(msg)
         if self.model.needs_bank:
             self.build_bank(self.fitting_data("the kNN feature bank"))
-
-    def on_validation_start(self) -> None:
-        """During fit: map-normalisation statistics of the training images under the current networks; then
-        ``feature_weight`` from ``feature_weight_choices`` on the validation split (``FittedFeatureWeight``)."""
-        trainer = self.trainer
-        fitting = self.model.normalise_maps and trainer.state.fn == "fit" and not trainer.sanity_checking
-        if fitting and self._statistics_step != self.global_step:
-            self.fit_statistics(self.fitting_data("the map-normalisation statistics"))
-            self._statistics_step = self.global_step
-        super().on_validation_start()
 
     # --- training -------------------------------------------------------------------------------------------
     @property

@@ -232,6 +232,10 @@ class D3ADModel(nn.Module):
             rebuilt = [adapted_rebuilt[i] for i in self.score_indices]
         return latent, self.feature_distance(inputs, rebuilt, size), steps
 
+    def statistics_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``[2, B, 1, H, W]`` raw latent/pixel and feature distance maps (what ``normaliser`` is fitted on)."""
+        return torch.stack(self.term_maps(images)[:2])
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map and image score of ``images`` (see :meth:`score_maps`); the feature term only if weighted."""

@@ -26,6 +26,7 @@ from anomalib_dpnr.components import (
     from_unit_range,
     to_unit_range,
 )
+from anomalib_dpnr.components.statistics import FittedMapStatistics, check_statistics_images
 from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
 
 from .loss import EpsilonLoss, InjectionLoss, RHNLoss
@@ -34,7 +35,7 @@ from .torch_model import DpnrModel
 __all__ = ["Dpnr"]
 
 
-class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
+class Dpnr(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
     """DPNR: diffusion with structured noise from a dual-prototype noise repository.
 
     Args:
@@ -90,6 +91,12 @@ class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
         top_k: Pixels averaged into the image score.
         score_from: Map whose top-k mean is the image score: ``"pixel"`` (the pixel discrepancy alone) or
             ``"map"`` (the anomaly map); ``benchmarks/dpnr_inference.py`` compares both on a checkpoint.
+        positional_statistics: Standardise both discrepancy terms per pixel position with the mean and standard
+            deviation at that position over ``statistics_images`` training images (fitted when validation starts
+            during fit), so positions high on normal images too (borders, an aligned object's fixed structure) are
+            discounted there only. Off: the raw terms (no statistics are fitted).
+        positional_shrinkage: Share of the term's variance over all pixels added to each position's variance.
+        statistics_images: Training images (at most) the statistics are computed on.
         smoothing_sigma: Gaussian sigma on the anomaly map (0 disables).
         inference_seed: Seed of the fixed inference noise.
         anomaly_source_path: Texture folder for synthetic anomalies ``x_a``; ``None`` = self-texture.
@@ -152,6 +159,9 @@ class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
         feature_weight_choices: Sequence[float] | None = (0.0, 0.1, 1.0),
         top_k: int = 50,
         score_from: str = "pixel",
+        positional_statistics: bool = False,
+        positional_shrinkage: float = 0.1,
+        statistics_images: int = 256,
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
         anomaly_source_path: str | Path | None = None,
@@ -177,7 +187,9 @@ class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
             visualizer=visualizer,
             inference_dtype=inference_dtype,
         )
+        self.statistics_images = check_statistics_images(statistics_images)
         self.model = DpnrModel(
+            image_size=image_size,
             vae_path=vae_path,
             latent_scale=latent_scale,
             num_timesteps=num_timesteps,
@@ -211,6 +223,8 @@ class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
             feature_weight=feature_weight,
             top_k=top_k,
             score_from=score_from,
+            positional_statistics=positional_statistics,
+            positional_shrinkage=positional_shrinkage,
             smoothing_sigma=smoothing_sigma,
             inference_seed=inference_seed,
         )
@@ -231,6 +245,11 @@ class Dpnr(FittedFeatureWeight, DiffusionAnomalyModule):
         self.repository_seed = repository_seed
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+
+    @property
+    def fits_statistics(self) -> bool:
+        """The map statistics are fitted only when the map reads them (``positional_statistics``)."""
+        return self.model.positional_statistics
 
     def setup(self, stage: str | None = None) -> None:
         """Build the prototype repository from the training set before training starts."""

@@ -27,11 +27,13 @@ from anomalib_dpnr.components import (
     check_images,
     gaussian_blur,
     gaussian_noise,
+    image_size_pair,
     topk_mean,
     unet_downsampling_factor,
 )
 from anomalib_dpnr.components.features import FeatureEmbedder, feature_distance_map
 from anomalib_dpnr.components.latent import LatentCodec
+from anomalib_dpnr.components.statistics import MapStatistics
 
 from .dp_sni import DPSNI, StructuredNoise
 from .repository import DualPrototypeRepository
@@ -71,6 +73,7 @@ class DpnrModel(nn.Module):
 
     def __init__(
         self,
+        image_size: int | tuple[int, int] = 256,
         vae_path: str | Path | None = None,
         latent_scale: float | None = None,
         num_timesteps: int = 1000,
@@ -104,6 +107,8 @@ class DpnrModel(nn.Module):
         feature_weight: float = 0.1,
         top_k: int = 50,
         score_from: str = "pixel",
+        positional_statistics: bool = False,
+        positional_shrinkage: float = 0.1,
         smoothing_sigma: float = 4.0,
         inference_seed: int = 0,
     ) -> None:
@@ -128,6 +133,8 @@ class DpnrModel(nn.Module):
         self.dp_sni = DPSNI(self.embedder.dim, self.codec.channels, attention_dim, parameterizer_width, noise_scale, foreground_weight, mask_sigma)
         self.latent_blur = gaussian_blur(residual_sigma, self.codec.channels)
         self.scorer = AnomalyScorer(smoothing_sigma, top_k)
+        self.normaliser = MapStatistics((2,), image_size_pair(image_size), positional_shrinkage)  # pixel, feature
+        self.positional_statistics = positional_statistics
         self.structured_noise = structured_noise
         self.use_dp_sni = dp_sni
         self.detach_noise = detach_noise
@@ -281,12 +288,25 @@ class DpnrModel(nn.Module):
         """Both discrepancy terms, whatever ``feature_weight`` is (for choosing it: ``FittedFeatureWeight``)."""
         return self.mean_discrepancy(images, features=True)
 
+    def statistics_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``[2, B, 1, H, W]`` pixel and feature discrepancy maps (what ``normaliser`` is fitted on)."""
+        return torch.stack(self.mean_discrepancy(images, features=True))
+
+    def normalised(self, pixel: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both terms standardised per pixel position with training-image statistics (``positional_statistics``),
+        else as they are."""
+        if not self.positional_statistics:
+            return pixel, feature
+        return self.normaliser(pixel, 0, "position"), self.normaliser(feature, 1, "position")
+
     def weighted_terms(self, pixel: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(base, extra)`` with the map before smoothing ``base + feature_weight * extra``."""
+        pixel, feature = self.normalised(pixel, feature)
         return self.pixel_weight * pixel, feature
 
     def score_maps(self, pixel: torch.Tensor, feature: torch.Tensor) -> InferenceBatch:
         """Anomaly map ``pixel_weight * pixel + feature_weight * feature`` (smoothed) and its top-k image score."""
+        pixel, feature = self.normalised(pixel, feature)
         anomaly_map = self.scorer.blur(self.pixel_weight * pixel + self.feature_weight * feature)
         # the image score from the pixel discrepancy alone (chosen on validation data) or from the whole map
         score_map = anomaly_map if self.score_from == "map" else self.scorer.blur(pixel)

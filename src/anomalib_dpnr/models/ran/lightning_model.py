@@ -19,12 +19,11 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
-from anomalib_dpnr.components.statistics import MapAccumulator
+from anomalib_dpnr.components.statistics import FittedMapStatistics, check_statistics_images
 
 from .loss import RanLoss
 from .torch_model import RanModel
@@ -32,7 +31,7 @@ from .torch_model import RanModel
 __all__ = ["Ran"]
 
 
-class Ran(DiffusionAnomalyModule):
+class Ran(FittedMapStatistics, DiffusionAnomalyModule):
     """RAN: pixel KL and feature scores over a noise ensemble, with optional gradient denoising.
 
     Args:
@@ -136,9 +135,7 @@ class Ran(DiffusionAnomalyModule):
             visualizer=visualizer,
             inference_dtype=inference_dtype,
         )
-        if statistics_images < 1:
-            msg = f"statistics_images must be >= 1, got {statistics_images}"
-            raise ValueError(msg)
+        self.statistics_images = check_statistics_images(statistics_images)
         self.model = RanModel(
             num_timesteps=num_timesteps,
             beta_schedule=beta_schedule,
@@ -173,10 +170,8 @@ class Ran(DiffusionAnomalyModule):
             inference_seed=inference_seed,
         )
         self.loss = RanLoss(vb_weight, feature_weight)
-        self.statistics_images = statistics_images
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self._statistics_step: int | None = None
 
     # --- fitted state ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,35 +179,11 @@ class Ran(DiffusionAnomalyModule):
         """PaDiM Gaussian of the training images' guidance embeddings (Algorithm 1's ``N(mu, Sigma)``)."""
         self.model.guide.fit(torch.cat([self.model.guidance_embedding(images) for images in self.training_images(dataset)]))
 
-    @torch.no_grad()
-    def fit_statistics(self, dataset: Dataset) -> None:
-        """Per-level and per-position mean and standard deviation of the raw KL and feature maps of (up to
-        ``statistics_images``) training images under the current networks (Eq. 11's normalisation)."""
-        accumulator = MapAccumulator()
-        for images in self.training_images(dataset, self.statistics_images):
-            accumulator.add(torch.stack(self.model.level_maps(images)))  # [terms, levels, B, 1, H, W]
-        self.model.normaliser.fit(accumulator.result())
-
     def setup(self, stage: str | None = None) -> None:
         """Fit the gradient-denoising Gaussian from the training set when fit starts."""
         super().setup(stage)
         if stage == "fit":
             self.fit_guide(self.fitting_data("the gradient-denoising Gaussian"))
-
-    def on_validation_start(self) -> None:
-        """During fit: normalisation statistics of the training images under the current networks."""
-        super().on_validation_start()
-        trainer = self.trainer
-        if trainer.state.fn != "fit" or trainer.sanity_checking or self._statistics_step == self.global_step:
-            return
-        self.fit_statistics(self.fitting_data("the normalisation statistics"))
-        self._statistics_step = self.global_step
-
-    def on_test_start(self) -> None:
-        """Warn when the normalisation statistics were never fitted (no validation during fit)."""
-        super().on_test_start()
-        if not bool(self.model.normaliser.fitted):
-            rank_zero_warn("Ran: the normalisation statistics are not fitted (no validation ran during fit); maps are unnormalised")
 
     # --- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -200,6 +200,10 @@ class RanModel(nn.Module):
         feature = feature_error(features, target, size)
         return kl.view(levels, batch, 1, *size), feature.view(levels, batch, 1, *size)
 
+    def statistics_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """``[2, levels, B, 1, H, W]`` raw KL and feature maps (what ``normaliser``'s statistics are fitted on)."""
+        return torch.stack(self.level_maps(images))
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (Eq. 11, Gaussian-smoothed) and image score (top-k mean)."""
