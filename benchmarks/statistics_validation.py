@@ -1,0 +1,102 @@
+"""Map normalisation on the validation half of one sample dataset, from a trained D3AD or DPNR checkpoint.
+
+The raw term maps of every validation image (latent/pixel and feature distance) are computed once
+(``validation_terms``); each variant then reads them: the model's configured normalisation (D3AD: min-max over
+training pixels, the reference; DPNR: none) or per-position statistics of training images with several
+``positional_shrinkage`` values (``positional_statistics``). For each, ``feature_weight`` is chosen among
+``--weights`` by validation pixel AUROC + PRO, as a run with ``feature_weight_choices`` does, and the row reports
+that weight's metrics (maps and image scores exactly as the model's ``score_maps``). Statistics the checkpoint has
+not fitted are fitted here on (up to ``statistics_images``) training images. Only the validation half of the
+``from_test`` split (seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is.
+
+    anomalib fit --config configs/d3ad/cpu.yaml --data.category magnetic_tile --data.root ../shared/data
+    nice python benchmarks/statistics_validation.py --model D3AD --dataset magnetic_tile \\
+        --ckpt results/D3AD/MVTecAD/magnetic_tile/latest/weights/lightning/model.ckpt \\
+        --csv benchmarks/results/d3ad_validation_magnetic_tile.csv
+    python benchmarks/statistics_validation.py --render benchmarks/results/d3ad_validation_bottle.csv \\
+        benchmarks/results/d3ad_validation_magnetic_tile.csv --readme src/anomalib_dpnr/models/d3ad/README.md --key d3ad_validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from ran_validation import table
+from validation import add_checkpoint_arguments, mask_like, metrics, report, validation_loader
+
+from anomalib_dpnr.compare import DATASETS, write_csv
+
+SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
+COLUMNS = ["dataset", "variant", "feature_weight", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "seconds"]
+REFERENCE = {"D3AD": "min-max over all training pixels (reference)", "Dpnr": "raw terms (no statistics)"}
+
+
+def raw_terms(module, loader) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """``[N, 1, H, W]`` term maps, labels ``[N]`` and masks ``[N, 1, H, W]`` of the loader's images."""
+    firsts, seconds, labels, masks = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            images = module.pre_processor.transform(batch.image)
+            first, second = module.model.validation_terms(images)
+            firsts.append(first), seconds.append(second), labels.append(batch.gt_label)
+            masks.append(mask_like(batch.gt_mask, images))
+    return torch.cat(firsts), torch.cat(seconds), torch.cat(labels), torch.cat(masks)
+
+
+def best_row(model, first, second, labels, masks, weights) -> dict:  # noqa: ANN001
+    """Metrics of ``model.score_maps`` with the ``feature_weight`` (of ``weights``) of highest pixel AUROC + PRO."""
+    best = None
+    for weight in weights:
+        model.feature_weight = weight
+        out = model.score_maps(first, second)
+        row = {"feature_weight": weight, **metrics(out.pred_score, labels, out.anomaly_map, masks)}
+        if best is None or row["pixel_AUROC"] + row["pixel_AUPRO"] > best["pixel_AUROC"] + best["pixel_AUPRO"]:
+            best = row
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser, "statistics_validation")
+    parser.add_argument("--model", choices=sorted(REFERENCE), default="D3AD")
+    parser.add_argument("--weights", type=float, nargs="+", default=None, help="feature_weight choices (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    if args.render:
+        report([], table(args.render), args, "statistics_validation.py", argv)
+        return 0
+    if args.ckpt is None or args.csv is None:
+        parser.error("--ckpt and --csv are required unless --render")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from anomalib.data import MVTecAD
+
+    import anomalib_dpnr
+
+    module = getattr(anomalib_dpnr, args.model).load_from_checkpoint(args.ckpt).eval()
+    model = module.model
+    weights = args.weights or module.feature_weight_choices or [model.feature_weight]
+    if not bool(model.normaliser.fitted):
+        sub, category, _ = DATASETS[args.dataset]
+        train = MVTecAD(root=args.data_root / sub, category=category, num_workers=0)
+        train.setup()
+        with torch.no_grad():
+            module.fit_statistics(train.train_data)
+    start = time.perf_counter()
+    first, second, labels, masks = raw_terms(module, validation_loader(args.dataset, args.data_root))
+    seconds = round(time.perf_counter() - start, 1)
+    variants = [(REFERENCE[args.model], False, model.normaliser.shrinkage)]
+    variants += [(f"per-position statistics, shrinkage {value:g}", True, value) for value in SHRINKAGES]
+    rows = []
+    for name, positional, shrinkage in variants:
+        model.positional_statistics, model.normaliser.shrinkage = positional, shrinkage
+        row = best_row(model, first, second, labels, masks, weights)
+        rows.append({"dataset": args.dataset, "variant": name, **row, "seconds": seconds})
+        print(rows[-1], flush=True)
+    write_csv(args.csv, rows, COLUMNS)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
