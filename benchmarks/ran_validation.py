@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from validation import add_checkpoint_arguments, mask_like, metrics, report, validation_loader
+from validation import add_checkpoint_arguments, collect_terms, metrics, report, validation_loader
 
 from anomalib_dpnr.compare import read_csv, write_csv
 from anomalib_dpnr.components.statistics import MapStatistics
@@ -31,18 +31,6 @@ from anomalib_dpnr.models.ran.ensemble import ensemble
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip
-
-
-def raw_maps(module, loader) -> tuple[torch.Tensor, ...]:
-    """``[L, N, 1, H, W]`` KL and feature maps, labels ``[N]`` and masks ``[N, 1, H, W]`` of the loader's images."""
-    kls, features, labels, masks = [], [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            images = module.pre_processor.transform(batch.image)
-            kl, feature = module.model.level_maps(images)
-            kls.append(kl), features.append(feature), labels.append(batch.gt_label)
-            masks.append(mask_like(batch.gt_mask, images))
-    return torch.cat(kls, dim=1), torch.cat(features, dim=1), torch.cat(labels), torch.cat(masks)
 
 
 def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool,
@@ -88,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     module = Ran.load_from_checkpoint(args.ckpt).eval()
     loader = validation_loader(args.dataset, args.data_root)
     start = time.perf_counter()
-    kl, feature, labels, masks = raw_maps(module, loader)
+    kl, feature, labels, masks = collect_terms(module, loader, module.model.level_maps, dim=1)
     seconds = round(time.perf_counter() - start, 1)
     count = kl.shape[0]
     steps = module.model.inference_timesteps
@@ -114,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.guided:
         module.model.gradient_denoising = True
         start = time.perf_counter()
-        kl, feature, labels, masks = raw_maps(module, loader)
+        kl, feature, labels, masks = collect_terms(module, loader, module.model.level_maps, dim=1)
         scores, maps = combine(module, kl, feature, list(range(count)), module.model.alpha, module.model.normalise_features)
         rows.append({"dataset": args.dataset, "variant": "ensemble, gradient denoising", "levels": " ".join(map(str, steps)),
                      "alpha": module.model.alpha, "normalise_features": module.model.normalise_features, "gradient_denoising": True,

@@ -25,25 +25,13 @@ import time
 
 import torch
 from ran_validation import table
-from validation import add_checkpoint_arguments, mask_like, metrics, report, validation_loader
+from validation import add_checkpoint_arguments, collect_terms, metrics, report, validation_loader
 
 from anomalib_dpnr.compare import DATASETS, write_csv
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
 COLUMNS = ["dataset", "variant", "feature_weight", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "seconds"]
 REFERENCE = {"D3AD": "min-max over all training pixels (reference)", "Dpnr": "raw terms (no statistics)"}
-
-
-def raw_terms(module, loader) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
-    """``[N, 1, H, W]`` term maps, labels ``[N]`` and masks ``[N, 1, H, W]`` of the loader's images."""
-    firsts, seconds, labels, masks = [], [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            images = module.pre_processor.transform(batch.image)
-            first, second = module.model.validation_terms(images)
-            firsts.append(first), seconds.append(second), labels.append(batch.gt_label)
-            masks.append(mask_like(batch.gt_mask, images))
-    return torch.cat(firsts), torch.cat(seconds), torch.cat(labels), torch.cat(masks)
 
 
 def best_row(model, first, second, labels, masks, weights) -> dict:  # noqa: ANN001
@@ -84,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             module.fit_statistics(train.train_data)
     start = time.perf_counter()
-    first, second, labels, masks = raw_terms(module, validation_loader(args.dataset, args.data_root))
+    first, second, labels, masks = collect_terms(module, validation_loader(args.dataset, args.data_root), model.validation_terms)
     seconds = round(time.perf_counter() - start, 1)
     variants = [(REFERENCE[args.model], False, model.normaliser.shrinkage)]
     variants += [(f"per-position statistics, shrinkage {value:g}", True, value) for value in SHRINKAGES]

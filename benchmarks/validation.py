@@ -52,6 +52,18 @@ def mask_like(gt_mask: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
     return F.interpolate(mask, size=anomaly_map.shape[-2:], mode="nearest") > 0.5
 
 
+def collect_terms(module, loader, terms, dim: int = 0) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+    """``terms(images)``'s maps (concatenated along ``dim``), labels ``[N]`` and masks ``[N, 1, H, W]`` of every
+    image of ``loader``, pre-processed as the model's own."""
+    outputs, labels, masks = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            images = module.pre_processor.transform(batch.image)
+            outputs.append(terms(images)), labels.append(batch.gt_label), masks.append(mask_like(batch.gt_mask, images))
+    maps = (torch.cat(parts, dim=dim) for parts in zip(*outputs, strict=True))
+    return *maps, torch.cat(labels), torch.cat(masks)
+
+
 def raw_metrics(module, loader) -> dict[str, float]:  # noqa: ANN001
     """``metrics`` of a lightning model's raw scores and maps (``module.model`` on pre-processed images) over ``loader``."""
     scores, labels, maps, masks = [], [], [], []

@@ -371,3 +371,29 @@ def test_validation_script_scores_the_validation_half_every_n_epochs(tiny_datase
     assert all(row["config"] == "tiny" and row["train_seconds"] >= 0 for row in scores.rows)
     expected = validation.raw_metrics(module.eval(), data.val_dataloader())  # the trained model, outside the validation loop
     assert {key: scores.rows[-1][key] for key in expected} == pytest.approx(expected, abs=2e-3)
+
+
+def test_statistics_validation_scores_the_models_own_maps_for_each_weight(tiny_dataset: Path) -> None:
+    """``benchmarks/statistics_validation.py``: each variant's row is the model's ``score_maps`` at the weight with the
+    best validation pixel AUROC + PRO."""
+    from test_reliability import build, datamodule
+
+    script, validation = benchmark_script("statistics_validation"), benchmark_script("validation")
+    module, data = build("D3AD", seed=0).eval(), datamodule(tiny_dataset)
+    data.setup()
+    module.build_bank(data.train_data)
+    module.fit_statistics(data.train_data)
+    first, second, labels, masks = validation.collect_terms(module, data.val_dataloader(), module.model.validation_terms)
+    assert first.shape == second.shape == masks.shape and first.shape[0] == labels.shape[0] == len(data.val_data)
+    model, rows = module.model, {}
+    for positional in (False, True):
+        model.positional_statistics = positional
+        expected = {}
+        for weight in (0.0, 1.0):
+            model.feature_weight = weight
+            out = model.score_maps(first, second)
+            expected[weight] = validation.metrics(out.pred_score, labels, out.anomaly_map, masks)
+        rows[positional] = script.best_row(model, first, second, labels, masks, (0.0, 1.0))
+        best = max(expected, key=lambda w: expected[w]["pixel_AUROC"] + expected[w]["pixel_AUPRO"])
+        assert rows[positional] == {"feature_weight": best, **expected[best]}
+    assert rows[False] != rows[True]  # the reading matters
