@@ -17,14 +17,12 @@ several ``positional_shrinkage`` values.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import torch
-from validation import add_checkpoint_arguments, collect_terms, metrics, report, validation_loader
+from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, validation_loader
 
-from anomalib_dpnr.compare import read_csv, write_csv
+from anomalib_dpnr.compare import write_csv
 from anomalib_dpnr.components.statistics import MapStatistics
 from anomalib_dpnr.models.ran.ensemble import ensemble
 
@@ -44,33 +42,13 @@ def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], 
     return scores, maps
 
 
-def table(paths: list[Path]) -> str:
-    """Markdown: one row per variant, image AUROC / pixel AUROC / PRO per dataset (CSV) side by side."""
-    by_dataset = {path: {row["variant"]: row for row in read_csv(path)} for path in paths}
-    variants = list(dict.fromkeys(variant for rows in by_dataset.values() for variant in rows))
-    names = [next(iter(rows.values()))["dataset"] for rows in by_dataset.values()]
-    lines = ["| variant | " + " | ".join(f"{name}: image AUROC / pixel AUROC / PRO" for name in names) + " |"]
-    lines.append("|---" * (len(names) + 1) + "|")
-    for variant in variants:
-        cells = []
-        for rows in by_dataset.values():
-            row = rows.get(variant)
-            cells.append(" / ".join(f"{float(row[key]):.3f}" for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")) if row else "")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "ran_validation")
     parser.add_argument("--guided", action="store_true", help="also score with gradient denoising on (slow)")
-    args = parser.parse_args(argv)
-    if args.render:
-        report([], table(args.render), args, "ran_validation.py", argv)
+    args = parse_checkpoint_arguments(parser, argv, "ran_validation.py")
+    if args is None:
         return 0
-    if args.ckpt is None or args.csv is None:
-        parser.error("--ckpt and --csv are required unless --render")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from anomalib_dpnr import Ran
 
     module = Ran.load_from_checkpoint(args.ckpt).eval()

@@ -20,12 +20,10 @@ not fitted are fitted here on (up to ``statistics_images``) training images. Onl
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
-from ran_validation import table
-from validation import add_checkpoint_arguments, collect_terms, metrics, report, validation_loader
+from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, validation_loader
 
 from anomalib_dpnr.compare import DATASETS, write_csv
 
@@ -51,13 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     add_checkpoint_arguments(parser, "statistics_validation")
     parser.add_argument("--model", choices=sorted(REFERENCE), default="D3AD")
     parser.add_argument("--weights", type=float, nargs="+", default=None, help="feature_weight choices (default: the checkpoint's)")
-    args = parser.parse_args(argv)
-    if args.render:
-        report([], table(args.render), args, "statistics_validation.py", argv)
+    args = parse_checkpoint_arguments(parser, argv, "statistics_validation.py")
+    if args is None:
         return 0
-    if args.ckpt is None or args.csv is None:
-        parser.error("--ckpt and --csv are required unless --render")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from anomalib.data import MVTecAD
 
     import anomalib_dpnr

@@ -175,6 +175,34 @@ def validation_loader(dataset: str, data_root: Path, batch_size: int = 16):  # n
     return data.val_dataloader()
 
 
+def table(paths: list[Path]) -> str:
+    """Markdown: one row per variant, image AUROC / pixel AUROC / PRO per dataset (CSV) side by side."""
+    by_dataset = {path: {row["variant"]: row for row in read_csv(path)} for path in paths}
+    variants = list(dict.fromkeys(variant for rows in by_dataset.values() for variant in rows))
+    names = [next(iter(rows.values()))["dataset"] for rows in by_dataset.values()]
+    lines = ["| variant | " + " | ".join(f"{name}: image AUROC / pixel AUROC / PRO" for name in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    for variant in variants:
+        cells = []
+        for rows in by_dataset.values():
+            row = rows.get(variant)
+            cells.append(" / ".join(f"{float(row[key]):.3f}" for key in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")) if row else "")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_checkpoint_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, script: str) -> argparse.Namespace | None:
+    """Parsed ``add_checkpoint_arguments`` options; ``None`` after ``--render`` wrote the variant table of the CSVs."""
+    args = parser.parse_args(argv)
+    if args.render:
+        report([], table(args.render), args, script, argv)
+        return None
+    if args.ckpt is None or args.csv is None:
+        parser.error("--ckpt and --csv are required unless --render")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return args
+
+
 def report(rows: list[dict], table: str, args: argparse.Namespace, script: str, argv: list[str] | None) -> None:
     """Print ``table`` and write it, with the command that made it, into each ``--readme``."""
     print(table)
