@@ -20,7 +20,7 @@ import argparse
 import time
 
 import torch
-from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, validation_loader
+from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, sample_split
 
 from anomalib_dpnr.compare import write_csv
 from anomalib_dpnr.components.statistics import MapStatistics
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from anomalib_dpnr import Ran
 
     module = Ran.load_from_checkpoint(args.ckpt).eval()
-    loader = validation_loader(args.dataset, args.data_root)
+    loader = sample_split(args.dataset, args.data_root).val_dataloader()
     start = time.perf_counter()
     kl, feature, labels, masks = collect_terms(module, loader, module.model.level_maps, dim=1)
     seconds = round(time.perf_counter() - start, 1)

@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, validation_loader
+from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, sample_split
 
-from anomalib_dpnr.compare import DATASETS, write_csv
+from anomalib_dpnr.compare import write_csv
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
 COLUMNS = ["dataset", "variant", "feature_weight", "image_AUROC", "pixel_AUROC", "pixel_AUPRO", "seconds"]
@@ -52,21 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_checkpoint_arguments(parser, argv, "statistics_validation.py")
     if args is None:
         return 0
-    from anomalib.data import MVTecAD
-
     import anomalib_dpnr
 
     module = getattr(anomalib_dpnr, args.model).load_from_checkpoint(args.ckpt).eval()
     model = module.model
     weights = args.weights or module.feature_weight_choices or [model.feature_weight]
+    data = sample_split(args.dataset, args.data_root)
     if not bool(model.normaliser.fitted):
-        sub, category, _ = DATASETS[args.dataset]
-        train = MVTecAD(root=args.data_root / sub, category=category, num_workers=0)
-        train.setup()
-        with torch.no_grad():
-            module.fit_statistics(train.train_data)
+        module.fit_statistics(data.train_data)
     start = time.perf_counter()
-    first, second, labels, masks = collect_terms(module, validation_loader(args.dataset, args.data_root), model.validation_terms)
+    first, second, labels, masks = collect_terms(module, data.val_dataloader(), model.validation_terms)
     seconds = round(time.perf_counter() - start, 1)
     variants = [(REFERENCE[args.model], False, model.normaliser.shrinkage)]
     variants += [(f"per-position statistics, shrinkage {value:g}", True, value) for value in SHRINKAGES]

@@ -164,15 +164,16 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, key: str) -> None:
     parser.add_argument("--csv", type=Path)
 
 
-def validation_loader(dataset: str, data_root: Path, batch_size: int = 16):  # noqa: ANN201
-    """The validation half of ``dataset``'s ``from_test`` split (seed 42, as ``anomalib-dpnr compare``)."""
+def sample_split(dataset: str, data_root: Path, batch_size: int = 16):  # noqa: ANN201
+    """``dataset``'s datamodule, set up with ``anomalib-dpnr compare``'s split (``from_test``, half, seed 42): its
+    ``train_data`` and the validation half (``val_dataloader()``)."""
     from anomalib.data import MVTecAD
 
     sub, category, _ = DATASETS[dataset]
     data = MVTecAD(root=data_root / sub, category=category, eval_batch_size=batch_size, num_workers=0,
                    val_split_mode="from_test", val_split_ratio=0.5, seed=42)  # fmt: skip
     data.setup()
-    return data.val_dataloader()
+    return data
 
 
 def table(paths: list[Path]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -667,6 +668,20 @@ def test_positional_statistics_come_from_training_images_and_change_the_map(monk
     torch.testing.assert_close(positional.anomaly_map, model.scorer.blur(standardised))
     with pytest.raises(ValueError, match="statistics_images must be >= 1"):
         Dpnr(**TINY_DPNR, positional_statistics=True, statistics_images=0)
+
+
+def test_testing_without_fitted_statistics_warns_only_when_they_are_read(tiny_dataset: Path, tmp_path: Path) -> None:
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+
+    data = MVTecAD(root=tiny_dataset, category="woven", eval_batch_size=4, num_workers=0, val_split_mode="from_test", val_split_ratio=0.5, seed=0)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match="map-normalisation statistics are not fitted"):
+        engine.test(model=_built(positional_statistics=True, feature_weight_choices=None), datamodule=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.test(model=_built(feature_weight_choices=None), datamodule=data)
+    assert not any("statistics are not fitted" in str(w.message) for w in caught)  # raw terms read no statistics
 
 
 def test_feature_weight_stays_without_validation_masks(monkeypatch: pytest.MonkeyPatch) -> None:
