@@ -3,7 +3,8 @@
 A Perlin-noise blob ``P`` (anomalib) is multiplied by the object foreground ``F`` to give the
 ground-truth mask ``M``; the anomalous appearance ``A`` comes from a texture folder (DTD in the
 paper) or, without one, from self-augmentation of the image itself (two random photometric ops,
-then an 8x8 grid shuffle); ``S = beta (M N) + (1 - beta)(M A) + (1 - M) N``.
+then an 8x8 grid shuffle, or, for a share ``1 - shuffle_probability``, no shuffle: the region keeps its structure
+and changes tone, like a stain or an unevenly finished area); ``S = beta (M N) + (1 - beta)(M A) + (1 - M) N``.
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ def estimate_foreground(images: torch.Tensor, threshold: float = 0.1, min_fracti
     return torch.where(use_all, torch.ones_like(foreground), foreground)
 
 
-def self_augment(image: torch.Tensor, num_ops: int = 2, grid: int = 8) -> torch.Tensor:
-    """Anomalous appearance from the image itself: ``num_ops`` random ops, then a grid shuffle."""
+def self_augment(image: torch.Tensor, num_ops: int = 2, grid: int = 8, shuffle: bool = True) -> torch.Tensor:
+    """Anomalous appearance from the image itself: ``num_ops`` random ops, then (``shuffle``) a grid shuffle."""
     out = image.clamp(0, 1)
     for op in random.sample(_SELF_AUGMENTATIONS, num_ops):
         out = op(out).clamp(0, 1)
+    if not shuffle:
+        return out
     _, height, width = out.shape
     cell_h, cell_w = height // grid, width // grid
     if cell_h == 0 or cell_w == 0:
@@ -86,6 +89,8 @@ class SyntheticAnomalyGenerator(PerlinAnomalyGenerator):
         use_foreground: Restrict anomalies to the estimated object foreground.
         foreground_threshold: Colour distance to the background that counts as foreground.
         max_tries: Perlin draws tried before an image whose foreground mask stays empty is left normal.
+        shuffle_probability: Share of self-textured anomalies whose appearance is grid-shuffled; the others keep
+            the image's own structure under the photometric ops (tone and texture changes, no new edges).
     """
 
     def __init__(
@@ -96,7 +101,11 @@ class SyntheticAnomalyGenerator(PerlinAnomalyGenerator):
         use_foreground: bool = True,
         foreground_threshold: float = 0.1,
         max_tries: int = 10,
+        shuffle_probability: float = 1.0,
     ) -> None:
+        if not 0.0 <= shuffle_probability <= 1.0:
+            msg = f"shuffle_probability must be in [0, 1], got {shuffle_probability}"
+            raise ValueError(msg)
         if anomaly_source_path is not None and not Path(anomaly_source_path).is_dir():
             msg = f"anomaly_source_path {anomaly_source_path!s} is not a folder of texture images"
             raise FileNotFoundError(msg)
@@ -107,11 +116,15 @@ class SyntheticAnomalyGenerator(PerlinAnomalyGenerator):
         self.use_foreground = use_foreground
         self.foreground_threshold = foreground_threshold
         self.max_tries = max_tries
+        self.shuffle_probability = shuffle_probability
 
     def _appearance(self, image: torch.Tensor) -> torch.Tensor:
         """Anomalous appearance ``A`` (``[3, H, W]`` in ``[0, 1]``)."""
         if not self.anomaly_source_paths:
-            return self_augment(image)
+            # draw only for a mixed share, so the default (always shuffle) keeps its random stream
+            mixed = 0.0 < self.shuffle_probability < 1.0
+            shuffle = random.random() < self.shuffle_probability if mixed else self.shuffle_probability == 1.0
+            return self_augment(image, shuffle=shuffle)
         path = random.choice(self.anomaly_source_paths)
         texture = io.read_image(str(path), mode=io.ImageReadMode.RGB).float().to(image.device) / 255.0
         texture = TF.resize(texture, list(image.shape[-2:]), antialias=True)

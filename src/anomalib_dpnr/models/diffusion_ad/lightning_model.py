@@ -61,6 +61,8 @@ class DiffusionAD(DiffusionAnomalyModule):
         anomaly_source_path: Texture folder for synthetic anomalies (paper: DTD); ``None`` = self-texture.
         anomaly_probability: Share of synthetic anomalies per batch (paper: 3 of 6).
         blend_factor: Range of the anomaly opacity ``1 - beta`` (Eq. 9).
+        anomaly_shuffle_probability: Share of self-textured anomalies that are grid-shuffled; the others change
+            the region's tone and texture only (``SyntheticAnomalyGenerator.shuffle_probability``).
         use_foreground: Keep synthetic anomalies on the estimated object foreground.
         foreground_threshold: Colour distance to the border colour that counts as foreground.
         learning_rate: Adam learning rate (paper: 1e-4).
@@ -99,6 +101,7 @@ class DiffusionAD(DiffusionAnomalyModule):
         anomaly_source_path: str | Path | None = None,
         anomaly_probability: float = 0.5,
         blend_factor: tuple[float, float] = (0.2, 1.0),
+        anomaly_shuffle_probability: float = 1.0,
         use_foreground: bool = True,
         foreground_threshold: float = 0.1,
         learning_rate: float = 1e-4,
@@ -145,6 +148,7 @@ class DiffusionAD(DiffusionAnomalyModule):
             anomaly_source_path=anomaly_source_path,
             probability=anomaly_probability,
             blend_factor=tuple(blend_factor),
+            shuffle_probability=anomaly_shuffle_probability,
             use_foreground=use_foreground,
             foreground_threshold=foreground_threshold,
         )

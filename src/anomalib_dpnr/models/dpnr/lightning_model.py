@@ -102,6 +102,8 @@ class Dpnr(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
         anomaly_source_path: Texture folder for synthetic anomalies ``x_a``; ``None`` = self-texture.
         anomaly_probability: Share of training images that get a synthetic anomaly.
         blend_factor: Range of the synthetic anomaly opacity.
+        anomaly_shuffle_probability: Share of self-textured anomalies that are grid-shuffled; the others change
+            the region's tone and texture only (``SyntheticAnomalyGenerator.shuffle_probability``).
         use_foreground: Keep synthetic anomalies on the estimated object foreground.
         foreground_threshold: Colour distance to the border colour that counts as foreground.
         learning_rate: AdamW learning rate.
@@ -167,6 +169,7 @@ class Dpnr(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
         anomaly_source_path: str | Path | None = None,
         anomaly_probability: float = 0.5,
         blend_factor: tuple[float, float] = (0.2, 1.0),
+        anomaly_shuffle_probability: float = 1.0,
         use_foreground: bool = True,
         foreground_threshold: float = 0.1,
         learning_rate: float = 1e-4,
@@ -235,6 +238,7 @@ class Dpnr(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
         generator_args = {
             "anomaly_source_path": anomaly_source_path,
             "blend_factor": tuple(blend_factor),
+            "shuffle_probability": anomaly_shuffle_probability,
             "use_foreground": use_foreground,
             "foreground_threshold": foreground_threshold,
         }
