@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -112,6 +114,25 @@ def test_self_augment_changes_appearance_and_keeps_range() -> None:
     assert out.shape == image.shape
     assert out.min() >= 0 and out.max() <= 1
     assert not torch.equal(out, image)
+
+
+def test_unshuffled_self_augment_keeps_the_image_structure() -> None:
+    """``shuffle_probability`` 0: tone and texture change, structure stays; 1: the grid shuffle breaks it."""
+    random.seed(0)
+    ramp = torch.linspace(0.05, 0.95, 64).expand(3, 64, 64).clone()  # constant down every column
+    for _ in range(20):
+        kept = self_augment(ramp, shuffle=False)
+        assert kept.std(dim=1).max() < 0.01, "an unshuffled appearance moved pixels"
+    assert max(self_augment(ramp).std(dim=1).max() for _ in range(5)) > 0.05, "the shuffle did not move cells"
+    never = SyntheticAnomalyGenerator(probability=1.0, use_foreground=False, shuffle_probability=0.0)
+    always = SyntheticAnomalyGenerator(probability=1.0, use_foreground=False)
+    assert all(never._appearance(ramp).std(dim=1).max() < 0.01 for _ in range(10))
+    assert max(always._appearance(ramp).std(dim=1).max() for _ in range(5)) > 0.05
+    mixed = SyntheticAnomalyGenerator(shuffle_probability=0.5)
+    kinds = {bool(mixed._appearance(ramp).std(dim=1).max() < 0.01) for _ in range(30)}
+    assert kinds == {True, False}, "a share of 0.5 should give both kinds"
+    with pytest.raises(ValueError, match="shuffle_probability"):
+        SyntheticAnomalyGenerator(shuffle_probability=1.5)
 
 
 def test_topk_mean_and_scorer() -> None:
