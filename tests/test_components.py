@@ -171,3 +171,14 @@ def test_build_unet_layout_and_errors() -> None:
 def test_check_images_errors(images: torch.Tensor, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         check_images(images, 3, 32, "Model")
+
+
+def test_anomaly_shuffle_probability_reaches_the_models_generators() -> None:
+    from conftest import TINY_DIFFUSION_AD, TINY_DPNR
+
+    from anomalib_dpnr import DiffusionAD, Dpnr
+
+    dpnr = Dpnr(**TINY_DPNR, anomaly_shuffle_probability=0.25)
+    assert dpnr.generator.shuffle_probability == dpnr.repository_generator.shuffle_probability == 0.25
+    assert DiffusionAD(**TINY_DIFFUSION_AD, anomaly_shuffle_probability=0.25).generator.shuffle_probability == 0.25
+    assert Dpnr(**TINY_DPNR).generator.shuffle_probability == 1.0  # the default: every self-texture shuffled
