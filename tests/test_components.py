@@ -133,6 +133,8 @@ def test_unshuffled_self_augment_keeps_the_image_structure() -> None:
     assert kinds == {True, False}, "a share of 0.5 should give both kinds"
     with pytest.raises(ValueError, match="shuffle_probability"):
         SyntheticAnomalyGenerator(shuffle_probability=1.5)
+    with pytest.raises(ValueError, match="self-textured anomalies only"):
+        SyntheticAnomalyGenerator(anomaly_source_path=".", shuffle_probability=0.5)
 
 
 def test_topk_mean_and_scorer() -> None:

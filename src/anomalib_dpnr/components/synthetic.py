@@ -106,6 +106,9 @@ class SyntheticAnomalyGenerator(PerlinAnomalyGenerator):
         if not 0.0 <= shuffle_probability <= 1.0:
             msg = f"shuffle_probability must be in [0, 1], got {shuffle_probability}"
             raise ValueError(msg)
+        if anomaly_source_path is not None and shuffle_probability < 1.0:
+            msg = "shuffle_probability applies to self-textured anomalies only; leave it at 1 with anomaly_source_path"
+            raise ValueError(msg)
         if anomaly_source_path is not None and not Path(anomaly_source_path).is_dir():
             msg = f"anomaly_source_path {anomaly_source_path!s} is not a folder of texture images"
             raise FileNotFoundError(msg)
