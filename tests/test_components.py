@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from diffusers import UNet2DModel
 
 from anomalib_dpnr.components import (
     AnomalyScorer,
@@ -158,6 +159,24 @@ def test_build_unet_layout_and_errors() -> None:
         build_unet(block_out_channels=(12, 24))
     with pytest.raises(ValueError, match="attention_levels"):
         build_unet(block_out_channels=(32, 32), attention_levels=(5,))
+
+
+def test_denoiser_infers_channels_last_with_the_same_numbers() -> None:
+    """Eval mode keeps the conv weights channels-last (faster kernels); train mode restores the default layout."""
+    torch.manual_seed(0)
+    unet = build_unet(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), attention_head_dim=8,
+                      norm_num_groups=8)
+    images, timesteps = torch.randn(2, 3, 16, 16), torch.tensor([1, 2])
+    weight = unet.conv_in.weight
+    with torch.no_grad():
+        expected = UNet2DModel.forward(unet, images, timesteps).sample  # default layout, as in training
+        unet.eval()
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        got = unet(images, timesteps).sample
+    assert got.is_contiguous()  # handed back in the caller's layout
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    unet.train()
+    assert unet.conv_in.weight is weight and weight.is_contiguous()  # same parameter, default layout again
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ def parse_inference_dtype(name: str, model: str) -> torch.dtype | None:
 class Denoiser(UNet2DModel):
     """``UNet2DModel`` whose eval-mode forward can run under autocast in a lower precision.
 
+    Inference runs in the channels-last memory layout (weights and activations), which the CPU and GPU
+    convolution kernels run faster; the numbers are those of the default layout up to float rounding.
     ``autocast_dtype`` (not saved; ``None`` = float32) applies to inference only: training always runs in the
     trainer's precision. The output is cast back to the input's dtype, so everything after the denoiser (scores,
     maps, metrics) stays in float32. bfloat16 halves the CPU time of the denoiser on CPUs with AVX512-BF16/AMX.
@@ -31,14 +33,30 @@ class Denoiser(UNet2DModel):
 
     autocast_dtype: torch.dtype | None = None
 
+    def train(self, mode: bool = True) -> Denoiser:
+        """Switch mode; in eval mode the convolution weights are kept channels-last (see :meth:`forward`).
+
+        Training keeps the default layout, so it runs exactly as a plain ``UNet2DModel``.
+        """
+        super().train(mode)
+        layout = torch.contiguous_format if mode else torch.channels_last
+        for parameter in self.parameters():
+            if parameter.dim() == 4:
+                parameter.data = parameter.data.contiguous(memory_format=layout)
+        return self
+
     def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        if self.training or self.autocast_dtype is None:
+        if self.training:
             return super().forward(sample, *args, **kwargs)
-        with torch.autocast(sample.device.type, dtype=self.autocast_dtype):
+        # inference runs channels-last (about a quarter less CPU time for the same numbers); the output is
+        # returned in the input's layout and dtype
+        sample_in = sample
+        sample = sample.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(sample.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             output = super().forward(sample, *args, **kwargs)
         if isinstance(output, tuple):
-            return (output[0].to(sample.dtype), *output[1:])
-        output.sample = output.sample.to(sample.dtype)
+            return (output[0].to(sample_in.dtype).contiguous(), *output[1:])
+        output.sample = output.sample.to(sample_in.dtype).contiguous()
         return output
 
 
