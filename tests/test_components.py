@@ -161,8 +161,9 @@ def test_build_unet_layout_and_errors() -> None:
         build_unet(block_out_channels=(32, 32), attention_levels=(5,))
 
 
-def test_denoiser_infers_channels_last_with_the_same_numbers() -> None:
-    """Eval mode keeps the conv weights channels-last (faster kernels); train mode restores the default layout."""
+def test_denoiser_infers_channels_last_in_chunks_with_the_same_numbers() -> None:
+    """Eval mode keeps the conv weights channels-last and denoises CPU batches in chunks (faster); train mode
+    restores the default layout."""
     torch.manual_seed(0)
     unet = build_unet(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), attention_head_dim=8,
                       norm_num_groups=8)
@@ -175,6 +176,10 @@ def test_denoiser_infers_channels_last_with_the_same_numbers() -> None:
         got = unet(images, timesteps).sample
     assert got.is_contiguous()  # handed back in the caller's layout
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    unet.cpu_chunk = 1  # CPU inference in chunks of images: the same numbers, per-image and shared timesteps alike
+    with torch.no_grad():
+        torch.testing.assert_close(unet(images, timesteps).sample, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(unet(images, 1).sample[0], expected[0], atol=1e-5, rtol=0)
     unet.train()
     assert unet.conv_in.weight is weight and weight.is_contiguous()  # same parameter, default layout again
 

@@ -189,6 +189,18 @@ def test_scores_do_not_depend_on_the_batch() -> None:
     assert kl.shape == feature.shape == (3, 1, 1, 64, 64)
 
 
+def test_feature_head_reads_every_chunk_of_the_denoisers_cpu_inference() -> None:
+    model = tiny_model()
+    batch = images(5, seed=2)
+    with torch.no_grad():
+        model.denoiser.cpu_chunk = 0  # one pass over the batch
+        whole = model.level_maps(batch)
+        model.denoiser.cpu_chunk = 2  # three passes (2 + 2 + 1 images); the head sees all of them
+        chunked = model.level_maps(batch)
+    for expected, got in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 # --- gradient denoising ---------------------------------------------------------------------------------------
 def test_gradient_denoising_changes_the_reconstruction_and_lowers_the_mahalanobis_distance() -> None:
     model = fitted_model(guidance_iterations=20, denoise_every=5)

@@ -50,7 +50,9 @@ class FeatureHead(nn.Module):
         if not self._captured:
             msg = "FeatureHead: no decoder activation captured; run the denoiser first"
             raise RuntimeError(msg)
-        captured = self._captured.pop()  # bfloat16/float16 under the denoiser's low-precision inference
+        # one activation per UNet call since clear() (the denoiser's CPU inference runs in chunks of images);
+        # bfloat16/float16 under the denoiser's low-precision inference
+        captured = torch.cat(self._captured) if len(self._captured) > 1 else self._captured[0]
         features = self.head(captured.to(self.head[-1].weight.dtype))
         self._captured.clear()
         if tuple(features.shape[-2:]) == tuple(grid):
