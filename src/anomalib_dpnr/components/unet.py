@@ -25,9 +25,9 @@ def parse_inference_dtype(name: str, model: str) -> torch.dtype | None:
 class Denoiser(UNet2DModel):
     """``UNet2DModel`` whose eval-mode forward can run under autocast in a lower precision.
 
-    Inference runs in the channels-last memory layout (weights and activations), which the CPU and GPU
-    convolution kernels run faster, and on a CPU in chunks of ``cpu_chunk`` images (smaller activations stay in
-    cache); the numbers are those of one default-layout pass up to float rounding.
+    Inference runs on channels-last activations, which the CPU and GPU convolution kernels run faster (on a CPU,
+    ``DiffusionAnomalyModule`` also lays the weights out channels-last), and on a CPU in chunks of ``cpu_chunk``
+    images (smaller activations stay in cache); the numbers are those of one plain pass up to float rounding.
     ``autocast_dtype`` (not saved; ``None`` = float32) applies to inference only: training always runs in the
     trainer's precision. The output is cast back to the input's dtype, so everything after the denoiser (scores,
     maps, metrics) stays in float32. bfloat16 halves the CPU time of the denoiser on CPUs with AVX512-BF16/AMX.
@@ -36,23 +36,11 @@ class Denoiser(UNet2DModel):
     autocast_dtype: torch.dtype | None = None
     cpu_chunk: int = 4  # CPU inference denoises at most this many images at once (activations stay in cache: faster)
 
-    def train(self, mode: bool = True) -> Denoiser:
-        """Switch mode; in eval mode the convolution weights are kept channels-last (see :meth:`forward`).
-
-        Training keeps the default layout, so it runs exactly as a plain ``UNet2DModel``.
-        """
-        super().train(mode)
-        layout = torch.contiguous_format if mode else torch.channels_last
-        for parameter in self.parameters():
-            if parameter.dim() == 4:
-                parameter.data = parameter.data.contiguous(memory_format=layout)
-        return self
-
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
         if self.training:
             return super().forward(sample, timestep, *args, **kwargs)
-        # inference runs channels-last (about a quarter less CPU time for the same numbers); the output is
-        # returned in the input's layout and dtype
+        # inference runs channels-last (less time for the same numbers); the output is returned in the input's
+        # layout and dtype
         sample_in = sample
         sample = sample.contiguous(memory_format=torch.channels_last)
         # keep exported graphs batch-generic (TorchScript tracing, the ONNX exporters, torch.export)
