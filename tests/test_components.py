@@ -161,8 +161,8 @@ def test_build_unet_layout_and_errors() -> None:
         build_unet(block_out_channels=(32, 32), attention_levels=(5,))
 
 
-def test_denoiser_infers_channels_last_in_chunks_with_the_same_numbers() -> None:
-    """Eval mode denoises channels-last activations, CPU batches in chunks (faster): the numbers of a plain pass."""
+def test_denoiser_infers_cpu_batches_in_chunks_with_the_same_numbers() -> None:
+    """Eval mode denoises CPU batches in chunks of images (faster): the numbers of one plain pass."""
     torch.manual_seed(0)
     unet = build_unet(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), attention_head_dim=8,
                       norm_num_groups=8).eval()

@@ -9,6 +9,8 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from .validation import _tracing
+
 __all__ = ["INFERENCE_DTYPES", "Denoiser", "build_unet", "parse_inference_dtype", "unet_downsampling_factor"]
 
 INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,9 +27,9 @@ def parse_inference_dtype(name: str, model: str) -> torch.dtype | None:
 class Denoiser(UNet2DModel):
     """``UNet2DModel`` whose eval-mode forward can run under autocast in a lower precision.
 
-    Inference runs on channels-last activations, which the CPU and GPU convolution kernels run faster (on a CPU,
-    ``DiffusionAnomalyModule`` also lays the weights out channels-last), and on a CPU in chunks of ``cpu_chunk``
-    images (smaller activations stay in cache); the numbers are those of one plain pass up to float rounding.
+    On a CPU, inference denoises the batch in chunks of ``cpu_chunk`` images (smaller activations stay in cache);
+    the numbers are those of one pass over the batch up to float rounding (CPU runs also lay the weights out
+    channels-last: ``DiffusionAnomalyModule.setup``).
     ``autocast_dtype`` (not saved; ``None`` = float32) applies to inference only: training always runs in the
     trainer's precision. The output is cast back to the input's dtype, so everything after the denoiser (scores,
     maps, metrics) stays in float32. bfloat16 halves the CPU time of the denoiser on CPUs with AVX512-BF16/AMX.
@@ -39,32 +41,23 @@ class Denoiser(UNet2DModel):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
         if self.training:
             return super().forward(sample, timestep, *args, **kwargs)
-        # inference runs channels-last (less time for the same numbers); the output is returned in the input's
-        # layout and dtype
-        sample_in = sample
-        sample = sample.contiguous(memory_format=torch.channels_last)
-        # keep exported graphs batch-generic (TorchScript tracing, the ONNX exporters, torch.export)
-        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-        # (the batch size is read last: under export, comparing it would fix the graph's batch size)
-        if not (exporting or args or kwargs) and sample.device.type == "cpu" and 0 < self.cpu_chunk < sample.shape[0]:
-            predicted = self._chunked(sample, timestep)
-        else:
-            with torch.autocast(sample.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                output = super().forward(sample, timestep, *args, **kwargs)
-            if isinstance(output, tuple):
-                return (output[0].to(sample_in.dtype).contiguous(), *output[1:])
-            predicted = output.sample
-        return UNet2DOutput(sample=predicted.to(sample_in.dtype).contiguous())
+        # exported graphs keep a symbolic batch: the batch size is read only when not tracing
+        if not (_tracing() or args or kwargs) and sample.device.type == "cpu" and 0 < self.cpu_chunk < sample.shape[0]:
+            steps = torch.as_tensor(timestep, device=sample.device)
+            steps = steps.reshape(-1).expand(sample.shape[0]) if steps.numel() == 1 else steps
+            chunks = zip(sample.split(self.cpu_chunk), steps.split(self.cpu_chunk), strict=True)
+            predicted = torch.cat([self._denoise(images, times).sample for images, times in chunks])
+            return UNet2DOutput(sample=predicted.to(sample.dtype))
+        output = self._denoise(sample, timestep, *args, **kwargs)
+        if isinstance(output, tuple):
+            return (output[0].to(sample.dtype), *output[1:])
+        output.sample = output.sample.to(sample.dtype)
+        return output
 
-    def _chunked(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """The eval forward in chunks of ``cpu_chunk`` images (each sample is denoised independently)."""
-        steps = torch.as_tensor(timestep, device=sample.device)
-        steps = steps.reshape(-1).expand(sample.shape[0]) if steps.numel() == 1 else steps
-        parts = []
-        for images, times in zip(sample.split(self.cpu_chunk), steps.split(self.cpu_chunk), strict=True):
-            with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                parts.append(super().forward(images, times).sample)
-        return torch.cat(parts)
+    def _denoise(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, *args: Any, **kwargs: Any) -> Any:
+        """One ``UNet2DModel`` pass under the inference autocast (a no-op for float32)."""
+        with torch.autocast(sample.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return super().forward(sample, timestep, *args, **kwargs)
 
 
 def build_unet(
