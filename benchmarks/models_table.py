@@ -2,11 +2,12 @@
 
 The headline of a model on a dataset is its pixel AUROC / PRO (mean ± std when the CSVs hold several seeds of the
 same config) beside the baseline it has to beat there (PatchCore on bottle, PaDiM on magnetic_tile), and its
-inference time as a multiple of PatchCore's in the same run. Rows of several CSVs (e.g. one per seed) are pooled;
+inference time as a multiple of PatchCore's from the one speed run given with ``--speed`` (every model and PatchCore
+in the same run, so the multiples compare). Rows of several CSVs (e.g. one per seed) are pooled;
 ``--csv PATH@magnetic_tile`` takes only that dataset's rows of a CSV (e.g. when a newer CSV replaces its bottle rows),
 ``--csv PATH@magnetic_tile:Padim,DiffusionAD`` only those models' rows on it.
 
-    python benchmarks/models_table.py --csv benchmarks/results/comparison_cpu.csv --csv benchmarks/results/dpnr_seeds_cpu.csv --readme README.md
+    python benchmarks/models_table.py --csv benchmarks/results/comparison_cpu.csv --speed benchmarks/results/inference_speed_cpu.csv --readme README.md
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def _value(row: dict, column: str, digits: int = 3) -> str:
     return text + (f" ± {row[column + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
 
 
-def headline(summary: list[dict], name: str, config: str) -> str:
-    """``bottle 0.958 / 0.824 (PatchCore 0.937 / 0.739), ...; inference 20x PatchCore`` for one model's config."""
-    parts, ratios = [], []
+def headline(summary: list[dict], name: str, config: str, speed: list[dict] | None = None) -> str:
+    """``pixel AUROC / PRO: bottle 0.958 / 0.824, 3 seeds (Patchcore 0.937 / 0.739); ...; inference on bottle 20x
+    PatchCore's`` for one model's config; the multiple comes from ``speed`` (summarised rows of the speed run)."""
+    parts = []
     for dataset, reference in TARGETS.items():
         rows = {r["config"]: r for r in summary if r["model"] == name and r["dataset"] == dataset}  # this model's configs
         # the config as shipped; else the config with other training settings (``--trainer.*``), named in the line
@@ -50,22 +52,24 @@ def headline(summary: list[dict], name: str, config: str) -> str:
         seeds += f", `{row['config'][len(config) + 1:]}`" if row["config"] != config else ""
         parts.append(f"{dataset} {_value(row, 'pixel_AUROC')} / {_value(row, 'pixel_AUPRO')}{seeds} "
                      f"({reference} {ref['pixel_AUROC']:.3f} / {ref['pixel_AUPRO']:.3f})")  # fmt: skip
-        if "infer_x_patchcore" in row:
-            fast = rows.get(f"{config} {BFLOAT16}", {})
-            low = f" ({fast['infer_x_patchcore']:.0f}x in bfloat16)" if "infer_x_patchcore" in fast else ""
-            ratios.append(f"{row['infer_x_patchcore']:.0f}x{low}")
     if not parts:
         return "not benchmarked yet"
-    return "pixel AUROC / PRO: " + "; ".join(parts) + (f"; inference {' / '.join(ratios)} PatchCore's" if ratios else "")
+    ratios = []
+    for row in speed or []:
+        if row["model"] == name and row["config"] == config and "infer_x_patchcore" in row:
+            fast = next((r for r in speed if r["model"] == name and r["dataset"] == row["dataset"] and r["config"] == f"{config} {BFLOAT16}"), {})
+            low = f" ({fast['infer_x_patchcore']:.0f}x in bfloat16)" if "infer_x_patchcore" in fast else ""
+            ratios.append(f"inference on {row['dataset']} {row['infer_x_patchcore']:.0f}x{low} PatchCore's")
+    return "pixel AUROC / PRO: " + "; ".join(parts + ratios)
 
 
-def table(rows: list[dict]) -> str:
-    summary = summarise(rows)
+def table(rows: list[dict], speed: list[dict] | None = None) -> str:
+    summary, speed = summarise(rows), summarise(speed or [])
     lines = ["| model | class | paper | status | headline (CPU configs, 128 px) |", "|---|---|---|---|---|"]
     for name, cls, paper, readme, config in MODELS:
         shown = f"[{name}]({readme})" if readme else name
         status = "implemented" if config else "planned"
-        numbers = headline(summary, cls, config) if config else ""
+        numbers = headline(summary, cls, config, speed) if config else ""
         lines.append(f"| {shown} | `anomalib_dpnr.{cls}` | {paper} | {status} | {numbers} |")
     return "\n".join(lines)
 
@@ -89,11 +93,12 @@ def read_rows(spec: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", action="append", required=True, help="comparison CSV(s), pooled; PATH@dataset[,dataset][:Model[,Model]]: only those datasets (and models)")
+    parser.add_argument("--speed", action="append", default=[], help="the speed run's CSV: inference multiples of PatchCore come from it only")
     parser.add_argument("--readme", type=Path, action="append", default=[])
     parser.add_argument("--key", default="models")
     args = parser.parse_args(argv)
     rows = [row for spec in args.csv for row in read_rows(spec)]
-    text = table(rows)
+    text = table(rows, [row for spec in args.speed for row in read_rows(spec)])
     print(text)
     command = "python benchmarks/models_table.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     for readme in args.readme:
