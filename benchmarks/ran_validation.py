@@ -71,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     per_position = [("KL standardised, per-position statistics", 0.5, False, None)]
     per_position += [(f"both standardised, per-position statistics, shrinkage {value:g}", 0.5, True, value) for value in SHRINKAGES]
-    for name, alpha, normalise, shrinkage in per_position:
-        scores, maps = combine(module, kl, feature, list(range(count)), alpha, normalise, True, shrinkage)
-        rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(map(str, steps)), "alpha": alpha,
+    per_position = [(name, alpha, normalise, shrinkage, list(range(count))) for name, alpha, normalise, shrinkage in per_position]
+    # one level alone under the checkpoint's own reading: a third of the denoiser passes
+    own = module.model.normaliser.shrinkage
+    per_position += [(f"level t={steps[i]}, both standardised, per-position statistics, shrinkage {own:g}", 0.5, True, own, [i]) for i in range(count)]
+    for name, alpha, normalise, shrinkage, levels in per_position:
+        scores, maps = combine(module, kl, feature, levels, alpha, normalise, True, shrinkage)
+        rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(str(steps[i]) for i in levels), "alpha": alpha,
                      "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
                      "seconds": seconds})  # fmt: skip
         print(rows[-1], flush=True)
