@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                      "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
                      "seconds": seconds})  # fmt: skip
         print(rows[-1], flush=True)
-    per_position = [("KL standardised, per-position statistics", 0.5, False, None)]
-    per_position += [(f"both standardised, per-position statistics, shrinkage {value:g}", 0.5, True, value) for value in SHRINKAGES]
-    per_position = [(name, alpha, normalise, shrinkage, list(range(count))) for name, alpha, normalise, shrinkage in per_position]
+    every = list(range(count))
+    per_position = [("KL standardised, per-position statistics", 0.5, False, None, every)]
+    per_position += [(f"both standardised, per-position statistics, shrinkage {value:g}", 0.5, True, value, every) for value in SHRINKAGES]
     # one level alone under the checkpoint's own reading: a third of the denoiser passes
     own = module.model.normaliser.shrinkage
     per_position += [(f"level t={steps[i]}, both standardised, per-position statistics, shrinkage {own:g}", 0.5, True, own, [i]) for i in range(count)]

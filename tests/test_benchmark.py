@@ -403,6 +403,7 @@ def test_statistics_validation_scores_the_models_own_maps_for_each_weight(tiny_d
 
 def test_inference_time_loads_every_batch_before_timing_and_keeps_the_fastest_pass() -> None:
     """Data loading stays out of the timed region, and the best of the timed passes is kept."""
+    import time
     import types
 
     import torch
@@ -423,8 +424,6 @@ def test_inference_time_loads_every_batch_before_timing_and_keeps_the_fastest_pa
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
             events.append("model")
-            import time
-
             time.sleep(next(self.delays))
             return images
 

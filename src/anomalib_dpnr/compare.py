@@ -438,7 +438,7 @@ def run_jobs(jobs: list[dict], run_id: str) -> tuple[list[dict], list[str]]:
     """Run every job in its own process, relaying its progress; return the rows and the failures."""
     rows, failed, took = [], [], {}
     for index, job in enumerate(jobs):
-        job.pop("_model")  # the model class name (used by tests and job ordering only)
+        job.pop("_model")  # the model class name: for building and ordering jobs, not an argument of the job
         dataset = job["data"].get("category") or job["data"]["name"]
         title = f"job {index + 1}/{len(jobs)}: {job['label']} on {dataset}, seed {job['seed']}"
         print(f"compare: {title} (left, this one included: {_time_left(jobs[index:], took)})", flush=True)
@@ -446,7 +446,7 @@ def run_jobs(jobs: list[dict], run_id: str) -> tuple[list[dict], list[str]]:
         with tempfile.TemporaryFile("w+") as errors:
             child = subprocess.Popen(
                 [sys.executable, "-m", "anomalib_dpnr.compare", "--job", json.dumps(job)], stdout=subprocess.PIPE,
-                stderr=errors, text=True, env=dict(os.environ),
+                stderr=errors, text=True,
             )  # fmt: skip
             tail: collections.deque[str] = collections.deque(maxlen=60)
             found = []
