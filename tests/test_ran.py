@@ -340,7 +340,8 @@ def test_bad_arguments_are_named() -> None:
 def test_configs_match_the_reference(config: str) -> None:
     init_args = yaml.safe_load((REPO / "configs" / "ran" / f"{config}.yaml").read_text())["model"]["init_args"]
     inspect.signature(Ran).bind(**init_args)  # every key is an argument
-    assert init_args["inference_timesteps"] == [5, 50, 100] and init_args["respacing"] == 250 and init_args["top_k"] == 64
+    levels = [5, 50, 100] if config == "paper" else [50]  # the CPU config reads one of the reference's levels
+    assert init_args["inference_timesteps"] == levels and init_args["respacing"] == 250 and init_args["top_k"] == 64
     assert init_args["gradient_denoising"] is False and init_args["alpha"] == 0.5
     if config == "cpu":  # the paper's 554M-parameter UNet is not built here
         module = Ran(**{**init_args, "pre_trained": False})
