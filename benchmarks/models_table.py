@@ -2,8 +2,8 @@
 
 The headline of a model on a dataset is its pixel AUROC / PRO (mean ± std when the CSVs hold several seeds of the
 same config) beside the baseline it has to beat there (PatchCore on bottle, PaDiM on magnetic_tile), and its
-inference time as a multiple of PatchCore's from the one speed run given with ``--speed`` (every model and PatchCore
-in the same run, so the multiples compare). Rows of several CSVs (e.g. one per seed) are pooled;
+inference time as a multiple of PatchCore's from the speed runs given with ``--speed`` (each timed its models with
+PatchCore in the same run, so the multiples compare). Rows of several CSVs (e.g. one per seed) are pooled;
 ``--csv PATH@magnetic_tile`` takes only that dataset's rows of a CSV (e.g. when a newer CSV replaces its bottle rows),
 ``--csv PATH@magnetic_tile:Padim,DiffusionAD`` only those models' rows on it.
 
@@ -93,7 +93,7 @@ def read_rows(spec: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", action="append", required=True, help="comparison CSV(s), pooled; PATH@dataset[,dataset][:Model[,Model]]: only those datasets (and models)")
-    parser.add_argument("--speed", action="append", default=[], help="the speed run's CSV: inference multiples of PatchCore come from it only")
+    parser.add_argument("--speed", action="append", default=[], help="speed-run CSV(s), PATH[@dataset[:Model,...]] like --csv: inference multiples of PatchCore come from these only")
     parser.add_argument("--readme", type=Path, action="append", default=[])
     parser.add_argument("--key", default="models")
     args = parser.parse_args(argv)
