@@ -9,10 +9,15 @@ that weight's metrics (maps and image scores exactly as the model's ``score_maps
 not fitted are fitted here on (up to ``statistics_images``) training images. Only the validation half of the
 ``from_test`` split (seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is.
 
+``--ddim-steps S ...`` (D3AD) reads the checkpoint once per DDIM step count instead, the statistics refitted on the
+training images for each (the maps change with it), each row in the checkpoint's configured reading.
+
     anomalib fit --config configs/d3ad/cpu.yaml --data.category magnetic_tile --data.root ../shared/data
     nice python benchmarks/statistics_validation.py --model D3AD --dataset magnetic_tile \\
         --ckpt results/D3AD/MVTecAD/magnetic_tile/latest/weights/lightning/model.ckpt \\
         --csv benchmarks/results/d3ad_validation_magnetic_tile.csv
+    nice python benchmarks/statistics_validation.py --model D3AD --dataset bottle --ddim-steps 1 2 5 \\
+        --ckpt results/D3AD/MVTecAD/bottle/latest/weights/lightning/model.ckpt --csv d3ad_steps_bottle.csv
     python benchmarks/statistics_validation.py --render benchmarks/results/d3ad_validation_bottle.csv \\
         benchmarks/results/d3ad_validation_magnetic_tile.csv --readme src/anomalib_dpnr/models/d3ad/README.md --key d3ad_validation
 """
@@ -43,11 +48,25 @@ def best_row(model, first, second, labels, masks, weights) -> dict:  # noqa: ANN
     return best
 
 
+def steps_row(module, data, steps: int, weights: list[float], dataset: str) -> dict:  # noqa: ANN001
+    """D3AD read with ``steps`` DDIM steps: statistics refitted on the training images, then the validation half in
+    the checkpoint's reading; ``seconds`` is the validation half's scoring time."""
+    module.model.ddim_steps = steps
+    module.fit_statistics(data.train_data)
+    start = time.perf_counter()
+    first, second, labels, masks = collect_terms(module, data.val_dataloader(), module.model.validation_terms)
+    seconds = round(time.perf_counter() - start, 1)
+    row = {"dataset": dataset, "variant": f"{steps} DDIM steps", **best_row(module.model, first, second, labels, masks, weights), "seconds": seconds}
+    print(row, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "statistics_validation")
     parser.add_argument("--model", choices=sorted(REFERENCE), default="D3AD")
     parser.add_argument("--weights", type=float, nargs="+", default=None, help="feature_weight choices (default: the checkpoint's)")
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=None, help="D3AD: read these DDIM step counts instead")
     args = parse_checkpoint_arguments(parser, argv, "statistics_validation.py")
     if args is None:
         return 0
@@ -57,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     model = module.model
     weights = args.weights or module.feature_weight_choices or [model.feature_weight]
     data = sample_split(args.dataset, args.data_root)
+    if args.ddim_steps:
+        if args.model != "D3AD":
+            parser.error("--ddim-steps reads D3AD checkpoints only")
+        rows = [steps_row(module, data, steps, weights, args.dataset) for steps in args.ddim_steps]
+        write_csv(args.csv, rows, COLUMNS)
+        return 0
     if not bool(model.normaliser.fitted):
         module.fit_statistics(data.train_data)
     start = time.perf_counter()

@@ -401,6 +401,27 @@ def test_statistics_validation_scores_the_models_own_maps_for_each_weight(tiny_d
     assert rows[False] != rows[True]  # the reading matters
 
 
+def test_statistics_validation_reads_d3ad_at_each_step_count_with_its_own_statistics(tiny_dataset: Path) -> None:
+    """``--ddim-steps``: each row is the model read with that many DDIM steps, its statistics refitted for them."""
+    import torch
+    from test_reliability import build, datamodule
+
+    script, validation = benchmark_script("statistics_validation"), benchmark_script("validation")
+    module, data = build("D3AD", seed=0).eval(), datamodule(tiny_dataset)
+    data.setup()
+    module.build_bank(data.train_data)
+    rows, statistics = {}, {}
+    for steps in (1, 3):
+        rows[steps] = script.steps_row(module, data, steps, [0.0, 1.0], "tiny")
+        statistics[steps] = {name: value.clone() for name, value in module.model.normaliser.state_dict().items()}
+        assert module.model.ddim_steps == steps and rows[steps]["variant"] == f"{steps} DDIM steps"
+    module.model.ddim_steps = 3
+    first, second, labels, masks = validation.collect_terms(module, data.val_dataloader(), module.model.validation_terms)
+    assert {k: v for k, v in rows[3].items() if k not in ("dataset", "variant", "seconds")} == script.best_row(
+        module.model, first, second, labels, masks, [0.0, 1.0])
+    assert any(not torch.equal(statistics[1][name], statistics[3][name]) for name in statistics[1])  # refitted per count
+
+
 def test_inference_time_loads_every_batch_before_timing_and_keeps_the_fastest_pass() -> None:
     """Data loading stays out of the timed region, and the best of the timed passes is kept."""
     import time
