@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_dpnr.compare import DATASETS, TEXTURE_ARGS, read_csv, update_readme, write_csv
+from anomalib_dpnr.compare import DATASETS, model_class, read_csv, texture_args, update_readme, write_csv
 from anomalib_dpnr.config_files import config_path
 
 COLUMNS = ["config", "dataset", "overrides", "seed", "epoch", "train_seconds", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
@@ -102,6 +102,16 @@ class ValidationScores(Callback):
         print(self.rows[-1], flush=True)
 
 
+def fit_args(config: str, dataset: str, data_root: Path, seed: int, every: int, max_epochs: int) -> list[str]:
+    """``anomalib fit`` arguments of one validation run (``TEXTURE_ARGS`` on textures for the models that take them)."""
+    sub, category, texture = DATASETS[dataset]
+    path = str(config_path(config))
+    return ["fit", "--config", path, "--trainer.enable_progress_bar", "false",
+            "--trainer.max_epochs", str(max_epochs), "--trainer.check_val_every_n_epoch", str(every),
+            "--model.seed", str(seed), "--data.root", str(data_root / sub), "--data.category", category,
+            *texture_args(model_class(path), texture)]  # fmt: skip
+
+
 def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every: int, max_epochs: int,
                     overrides: list[str]) -> list[dict]:  # fmt: skip
     """Fit ``config`` for ``max_epochs`` and score the validation half every ``every`` epochs."""
@@ -112,13 +122,8 @@ def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every
     if every < 1 or max_epochs < every:
         msg = f"need 1 <= --every <= --max-epochs, got --every {every} --max-epochs {max_epochs}"
         raise ValueError(msg)
-    sub, category, texture = DATASETS[dataset]
     seed_everything(seed, workers=True)
-    args = ["fit", "--config", str(config_path(config)), "--trainer.enable_progress_bar", "false",
-            "--trainer.max_epochs", str(max_epochs), "--trainer.check_val_every_n_epoch", str(every),
-            "--model.seed", str(seed), "--data.root", str(data_root / sub), "--data.category", category,
-            *(TEXTURE_ARGS if texture else [])]  # fmt: skip
-    cli = AnomalibCLI(args=[*args, *overrides], run=False)
+    cli = AnomalibCLI(args=[*fit_args(config, dataset, data_root, seed, every, max_epochs), *overrides], run=False)
     scores = ValidationScores({"config": config, "dataset": dataset, "overrides": shlex.join(overrides) or "(config)", "seed": seed})
     cli.engine._cache.args["callbacks"].append(scores)  # noqa: SLF001 (the Engine builds its Trainer lazily)
     cli.engine.fit(model=cli.model, datamodule=cli.datamodule)

@@ -50,7 +50,7 @@ def test_grid_configs_are_fair_and_parse(grid: Path, monkeypatch: pytest.MonkeyP
     assert [entry["config"] for entry in raw] == bench.default_configs()
     dataset = grid.stem.removesuffix("_cpu")
     for entry in raw:
-        model = bench._model_class(str(REPO / entry["config"]))
+        model = bench.model_class(str(REPO / entry["config"]))
         expected = list(bench.DATASET_ARGS.get((dataset, model.__name__), []))
         if bench.DATASETS[dataset][2] and "use_foreground" in inspect.signature(model).parameters:
             expected += bench.TEXTURE_ARGS
@@ -373,6 +373,18 @@ def test_validation_script_scores_the_validation_half_every_n_epochs(tiny_datase
     assert all(row["config"] == "tiny" and row["train_seconds"] >= 0 for row in scores.rows)
     expected = validation.raw_metrics(module.eval(), data.val_dataloader())  # the trained model, outside the validation loop
     assert {key: scores.rows[-1][key] for key in expected} == pytest.approx(expected, abs=2e-3)
+
+
+def test_validation_gives_texture_arguments_only_to_models_that_take_them() -> None:
+    """``benchmarks/validation.py`` on magnetic_tile: DPNR gets ``TEXTURE_ARGS``, RAN (no synthetic anomalies) does not."""
+    from anomalib_dpnr.compare import TEXTURE_ARGS
+
+    validation = benchmark_script("validation")
+    root = Path("data")
+    for config, dataset, expected in (("dpnr/cpu", "magnetic_tile", True), ("ran/cpu", "magnetic_tile", False), ("dpnr/cpu", "bottle", False)):
+        args = validation.fit_args(config, dataset, root, 0, 5, 10)
+        assert (args[-2:] == TEXTURE_ARGS) is expected, (config, dataset)
+        assert args[args.index("--data.category") + 1] == validation.DATASETS[dataset][1]
 
 
 def test_statistics_validation_scores_the_models_own_maps_for_each_weight(tiny_dataset: Path) -> None:

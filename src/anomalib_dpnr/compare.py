@@ -38,7 +38,8 @@ from anomalib_dpnr.config_files import config_names, config_path, display_name
 
 __all__ = [
     "COLUMNS", "DATASETS", "METRICS", "REFERENCE", "TEXTURE_ARGS", "add_ratios", "default_configs", "label", "main",
-    "markdown", "merge_rows", "plan", "plot", "read_csv", "run_job", "summarise", "update_readme", "write_csv",
+    "markdown", "merge_rows", "model_class", "plan", "plot", "read_csv", "run_job", "summarise", "texture_args",
+    "update_readme", "write_csv",
 ]  # fmt: skip
 
 COLUMNS = [
@@ -98,7 +99,7 @@ def run_job(
     args = ["fit", "--config", config, "--trainer.enable_progress_bar", "false", "--data.seed", str(split_seed)]
     if data["kind"] == "mvtec":
         args += ["--data.root", data["root"], "--data.category", data["category"]]
-    if "seed" in inspect.signature(_model_class(config)).parameters:
+    if "seed" in inspect.signature(model_class(config)).parameters:
         args += ["--model.seed", str(seed)]
     cli = AnomalibCLI(args=[*args, *extra], run=False)
     engine, model, datamodule = cli.engine, cli.model, cli.datamodule
@@ -187,7 +188,12 @@ def _yaml(config: str) -> dict:
     return yaml.safe_load(Path(config).read_text())
 
 
-def _model_class(config: str) -> type:
+def texture_args(model: type, texture: bool) -> list[str]:
+    """``TEXTURE_ARGS`` for a texture dataset when ``model`` takes them (models without synthetic anomalies do not)."""
+    return list(TEXTURE_ARGS) if texture and "use_foreground" in inspect.signature(model).parameters else []
+
+
+def model_class(config: str) -> type:
     """The model class a config names (imported, to inspect its arguments)."""
     import importlib
 
@@ -399,19 +405,17 @@ def plan(args: argparse.Namespace) -> list[dict]:
     variant_names = [n for n in names if n in args.variant_datasets] or names[:1]
     specs = [(_spec(s), names) for s in [*args.models, *(args.config or [])] or default_configs()]
     specs += [(_spec(s), variant_names) for s in args.variant]
-    if args.reference and not any(_model_class(path).__name__ == REFERENCE for (path, _), _ in specs):
+    if args.reference and not any(model_class(path).__name__ == REFERENCE for (path, _), _ in specs):
         print(f"compare: adding {BASELINES[1]} as the speed reference", flush=True)
         specs.insert(0, ((str(config_path(BASELINES[1])), []), names))
     jobs = []
     for seed in args.seeds:
         for (config, extra), datasets in specs:
-            model = _model_class(config)
+            model = model_class(config)
             for name, data, texture in places:
                 if name not in datasets:
                     continue
-                given = [*DATASET_ARGS.get((name, model.__name__), [])]
-                if texture and "use_foreground" in inspect.signature(model).parameters:
-                    given += TEXTURE_ARGS
+                given = [*DATASET_ARGS.get((name, model.__name__), []), *texture_args(model, texture)]
                 if args.quick:
                     given += quick_args(config)
                 elif args.max_epochs is not None and "max_epochs" in (_yaml(config).get("trainer") or {}):
