@@ -6,7 +6,8 @@ then combines them: single levels vs the ensemble of all levels, pixel (KL) only
 (Algorithm 1; 100 iterations per image by default, slow on a CPU). Only the validation half of the ``from_test`` split
 (seed 42, as ``anomalib-dpnr compare``) is read; the scored test half never is. The last
 variants read the checkpoint's per-position statistics (``positional_statistics``) instead of its per-level ones, with
-several ``positional_shrinkage`` values.
+several ``positional_shrinkage`` values, then the checkpoint's own reading with Eq. 11's ``alpha`` or the map
+smoothing (``smoothing_sigma``) changed.
 
     nice python benchmarks/ran_validation.py --ckpt results/Ran/MVTecAD/bottle/latest/weights/lightning/model.ckpt \\
         --csv benchmarks/results/ran_validation_bottle.csv [--guided]
@@ -23,22 +24,27 @@ import torch
 from validation import add_checkpoint_arguments, collect_terms, metrics, parse_checkpoint_arguments, sample_split
 
 from anomalib_dpnr.compare import write_csv
+from anomalib_dpnr.components.processing import AnomalyScorer
 from anomalib_dpnr.components.statistics import MapStatistics
 from anomalib_dpnr.models.ran.ensemble import ensemble
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
+ALPHAS = (0.25, 0.75)  # Eq. 11's pixel weight around the reference's 1 : 1, under the checkpoint's own reading
+SIGMAS = (2.0, 8.0)  # map smoothing around the configs' 4 px, under the checkpoint's own reading
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip
 
 
 def combine(module, kl: torch.Tensor, feature: torch.Tensor, levels: list[int], alpha: float, normalise: bool,
-            per_position: bool = False, shrinkage: float | None = None) -> tuple:  # fmt: skip
-    """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics."""
+            per_position: bool = False, shrinkage: float | None = None, sigma: float | None = None) -> tuple:  # fmt: skip
+    """Scores and smoothed maps of Eq. 11 over the chosen ``levels`` with the checkpoint's statistics (smoothed with
+    ``sigma``, default the checkpoint's ``smoothing_sigma``)."""
     stored = module.model.normaliser
     normaliser = MapStatistics((2, len(levels)), stored.size, stored.shrinkage if shrinkage is None else shrinkage)
     normaliser.fit({name: buffer[:, levels] for name, buffer in stored.named_buffers() if name != "fitted"})
     reading = "position" if per_position else "standard"
-    maps, scores = module.model.scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise, reading))
+    scorer = module.model.scorer if sigma is None else AnomalyScorer(sigma, module.model.scorer.top_k)
+    maps, scores = scorer(ensemble(kl[levels], feature[levels], normaliser, alpha, normalise, reading))
     return scores, maps
 
 
@@ -75,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     # one level alone under the checkpoint's own reading: a third of the denoiser passes
     own = module.model.normaliser.shrinkage
     per_position += [(f"level t={steps[i]}, both standardised, per-position statistics, shrinkage {own:g}", 0.5, True, own, [i]) for i in range(count)]
-    for name, alpha, normalise, shrinkage, levels in per_position:
-        scores, maps = combine(module, kl, feature, levels, alpha, normalise, True, shrinkage)
+    per_position = [(*variant, True, None) for variant in per_position]
+    config = module.model
+    own_reading = (config.normalise_features, own, every, config.positional_statistics)
+    per_position += [(f"the checkpoint's reading, alpha {a:g}", a, *own_reading, None) for a in ALPHAS]
+    per_position += [(f"the checkpoint's reading, smoothing sigma {g:g}", config.alpha, *own_reading, g) for g in SIGMAS]
+    for name, alpha, normalise, shrinkage, levels, positional, sigma in per_position:
+        scores, maps = combine(module, kl, feature, levels, alpha, normalise, positional, shrinkage, sigma)
         rows.append({"dataset": args.dataset, "variant": name, "levels": " ".join(str(steps[i]) for i in levels), "alpha": alpha,
                      "normalise_features": normalise, "gradient_denoising": False, **metrics(scores, labels, maps, masks),
                      "seconds": seconds})  # fmt: skip

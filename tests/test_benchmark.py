@@ -413,6 +413,32 @@ def test_statistics_validation_scores_the_models_own_maps_for_each_weight(tiny_d
     assert rows[False] != rows[True]  # the reading matters
 
 
+def test_ran_validation_reads_the_checkpoints_own_maps_with_alpha_or_smoothing_changed(tiny_dataset: Path) -> None:
+    """``benchmarks/ran_validation.py``: ``combine`` in the checkpoint's own reading is the model's own ``predict``;
+    its ``alpha`` and ``sigma`` variants are the model's with that argument changed."""
+    import torch
+    from test_reliability import build, datamodule
+
+    from anomalib_dpnr.components.processing import AnomalyScorer
+
+    script = benchmark_script("ran_validation")
+    module, data = build("Ran", seed=0).eval(), datamodule(tiny_dataset)
+    data.setup()
+    module.fit_statistics(data.train_data)
+    model = module.model
+    images = module.pre_processor.transform(next(iter(data.val_dataloader())).image)  # as collect_terms reads them
+    kl, feature = model.level_maps(images)
+    levels = list(range(kl.shape[0]))
+    for alpha, sigma in ((model.alpha, None), (0.25, None), (model.alpha, 8.0)):
+        scores, maps = script.combine(module, kl, feature, levels, alpha, model.normalise_features, model.positional_statistics,
+                                      model.normaliser.shrinkage, sigma)  # fmt: skip
+        model.alpha = alpha
+        if sigma is not None:
+            model.scorer = AnomalyScorer(sigma, model.scorer.top_k)
+        expected = model.predict(images)
+        assert torch.allclose(maps, expected.anomaly_map, atol=1e-5) and torch.allclose(scores, expected.pred_score, atol=1e-5)
+
+
 def test_statistics_validation_reads_d3ad_at_each_step_count_with_its_own_statistics(tiny_dataset: Path) -> None:
     """``--ddim-steps``: each row is the model read with that many DDIM steps, its statistics refitted for them."""
     import torch
