@@ -29,7 +29,7 @@ from anomalib_dpnr.components.statistics import MapStatistics
 from anomalib_dpnr.models.ran.ensemble import ensemble
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)  # positional_shrinkage values read on the same maps
-ALPHAS = (0.25, 0.75)  # Eq. 11's pixel weight around the reference's 1 : 1, under the checkpoint's own reading
+ALPHAS = (0.25, 0.6, 0.75, 0.9)  # Eq. 11's pixel weight around the reference's 1 : 1, under the checkpoint's own reading
 SIGMAS = (2.0, 8.0)  # map smoothing around the configs' 4 px, under the checkpoint's own reading
 COLUMNS = ["dataset", "variant", "levels", "alpha", "normalise_features", "gradient_denoising", "image_AUROC", "pixel_AUROC",
            "pixel_AUPRO", "seconds"]  # fmt: skip
