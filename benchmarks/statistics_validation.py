@@ -48,14 +48,19 @@ def best_row(model, first, second, labels, masks, weights) -> dict:  # noqa: ANN
     return best
 
 
+def timed_terms(module, data) -> tuple:  # noqa: ANN001
+    """The validation half's raw term maps, labels and masks (``collect_terms``) and the seconds they took."""
+    start = time.perf_counter()
+    terms = collect_terms(module, data.val_dataloader(), module.model.validation_terms)
+    return (*terms, round(time.perf_counter() - start, 1))
+
+
 def steps_row(module, data, steps: int, weights: list[float], dataset: str) -> dict:  # noqa: ANN001
     """D3AD read with ``steps`` DDIM steps: statistics refitted on the training images, then the validation half in
     the checkpoint's reading; ``seconds`` is the validation half's scoring time."""
     module.model.ddim_steps = steps
     module.fit_statistics(data.train_data)
-    start = time.perf_counter()
-    first, second, labels, masks = collect_terms(module, data.val_dataloader(), module.model.validation_terms)
-    seconds = round(time.perf_counter() - start, 1)
+    first, second, labels, masks, seconds = timed_terms(module, data)
     row = {"dataset": dataset, "variant": f"{steps} DDIM steps", **best_row(module.model, first, second, labels, masks, weights), "seconds": seconds}
     print(row, flush=True)
     return row
@@ -84,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not bool(model.normaliser.fitted):
         module.fit_statistics(data.train_data)
-    start = time.perf_counter()
-    first, second, labels, masks = collect_terms(module, data.val_dataloader(), model.validation_terms)
-    seconds = round(time.perf_counter() - start, 1)
+    first, second, labels, masks, seconds = timed_terms(module, data)
     variants = [(REFERENCE[args.model], False, model.normaliser.shrinkage)]
     variants += [(f"per-position statistics, shrinkage {value:g}", True, value) for value in SHRINKAGES]
     rows = []
