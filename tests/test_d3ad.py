@@ -303,11 +303,11 @@ def test_feature_weight_is_chosen_on_the_validation_split_after_the_statistics(
 
     order: list[str] = []  # during fit the weight is chosen on maps normalised with this fit's statistics
     fitted = D3AD(**TINY_D3AD, feature_weight_choices=choices)
-    for name in ("fit_statistics", "fit_feature_weight"):
+    for name in ("fit_statistics", "fit_weight"):
         method = getattr(fitted, name)
         setattr(fitted, name, lambda *a, _m=method, _n=name: order.append(_n) or _m(*a))
     engine(tmp_path / "fit").fit(fitted, datamodule=datamodule(tiny_dataset))
-    assert order == ["fit_statistics", "fit_feature_weight"]
+    assert order == ["fit_statistics", "fit_weight"]
 
 
 def test_adaptation_needs_a_denoiser_epoch(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -691,5 +691,5 @@ def test_feature_weight_stays_without_validation_masks(monkeypatch: pytest.Monke
     batches = [ImageBatch(image=_images(2), gt_label=torch.zeros(2, dtype=torch.bool), image_path=["a.png", "b.png"])]
     monkeypatch.setattr(module, "validation_batches", lambda: iter(batches))
     with pytest.warns(UserWarning, match="feature_weight stays 0.5"):
-        module.fit_feature_weight()
+        module.fit_weight()
     assert module.model.feature_weight == 0.5

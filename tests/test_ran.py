@@ -11,7 +11,7 @@ import torch
 import yaml
 from anomalib.engine import Engine
 from conftest import REPO, TINY_RAN
-from test_reliability import datamodule, sample_images
+from test_reliability import datamodule, engine, sample_images
 
 from anomalib_dpnr import Ran
 from anomalib_dpnr.components import NoiseSchedule
@@ -322,6 +322,51 @@ def test_statistics_and_gaussian_survive_the_checkpoint(trained: tuple[Ran, Path
         reloaded.to_onnx(Path("unused"))
 
 
+def test_alpha_is_chosen_on_the_validation_split_and_saved(trained: tuple[Ran, Path], tiny_dataset: Path, tmp_path: Path) -> None:
+    from anomalib.metrics.aupro import _AUPRO
+    from sklearn.metrics import roc_auc_score
+
+    _, checkpoint = trained
+    choices = (0.0, 0.5, 1.0)
+    module = Ran.load_from_checkpoint(checkpoint, alpha=0.3, alpha_choices=choices).eval()
+    model, data = module.model, datamodule(tiny_dataset)
+    data.setup()
+    maps, masks = {a: [] for a in choices}, []
+    with torch.no_grad():  # the choice, computed here from Eq. 11's maps and sklearn's AUROC
+        for batch in data.val_dataloader():
+            batch_images, gt_mask = module.pre_processor.transform(batch.image, batch.gt_mask)
+            kl, feature = model.level_maps(batch_images)
+            for a in choices:
+                maps[a].append(model.scorer.blur(ensemble(kl, feature, model.normaliser, a, True, "position")))
+            masks.append(gt_mask.view(-1, 1, *gt_mask.shape[-2:]) > 0.5)
+    masks = torch.cat(masks)
+
+    def localisation(alpha: float) -> float:  # pixel AUROC (sklearn's) + PRO (anomalib's, as its evaluator)
+        combined, pro = torch.cat(maps[alpha]), _AUPRO()
+        pro.update(combined[:, 0], masks[:, 0].int())
+        return roc_auc_score(masks.flatten().numpy(), combined.flatten().numpy()) + float(pro.compute())
+
+    readings = {a: localisation(a) for a in choices}
+    assert len(set(readings.values())) == len(choices)  # alpha changes what is read
+    expected = max(choices, key=readings.get)
+
+    run = engine(tmp_path)
+    run.validate(model=module, datamodule=data)
+    assert model.alpha == expected
+    path = tmp_path / "ran.ckpt"
+    run.trainer.save_checkpoint(path)
+    assert Ran.load_from_checkpoint(path).model.alpha == expected  # the choices are saved hyper-parameters
+    assert Ran.load_from_checkpoint(path, alpha_choices=None).model.alpha == 0.3  # without choices the configured alpha
+    batch = images(2)
+    with torch.no_grad():  # Eq. 11 as base + alpha * extra is the level-averaged weighted sum
+        kl, feature = model.level_maps(batch)
+        torch.testing.assert_close(
+            model.predict(batch).anomaly_map, model.scorer.blur(ensemble(kl, feature, model.normaliser, model.alpha, True, "position"))
+        )
+    with pytest.raises(ValueError, match="alpha_choices must lie in"):
+        Ran(**TINY_RAN, alpha_choices=[0.5, 2.0])
+
+
 # --- arguments and configurations ---------------------------------------------------------------------------
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 249\]"):
@@ -343,6 +388,7 @@ def test_configs_match_the_reference(config: str) -> None:
     levels = [5, 50, 100] if config == "paper" else [50]  # the CPU config reads one of the reference's levels
     assert init_args["inference_timesteps"] == levels and init_args["respacing"] == 250 and init_args["top_k"] == 64
     assert init_args["gradient_denoising"] is False and init_args["alpha"] == 0.5
+    assert init_args["alpha_choices"] == ([0.25, 0.5, 0.6, 0.75, 0.9, 1.0] if config == "cpu" else None)  # 0.5 among them
     if config == "cpu":  # the paper's 554M-parameter UNet is not built here
         module = Ran(**{**init_args, "pre_trained": False})
         assert module.model.denoiser.config.out_channels == 6 and module.model.size_multiple == 16

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
 
-__all__ = ["FittedFeatureWeight", "best_weight", "check_weights", "pixel_auroc", "pixel_pro", "weight_scores"]
+__all__ = ["FittedTermWeight", "best_weight", "check_weights", "pixel_auroc", "pixel_pro", "weight_scores"]
 
 
 def check_weights(weights: Sequence[float] | None, name: str) -> tuple[float, ...] | None:
@@ -74,42 +74,48 @@ def best_weight(scores: dict[float, tuple[float, float]]) -> float:
     return max(order, key=lambda w: (sum(scores[w]), -order.index(w)))
 
 
-class FittedFeatureWeight:
-    """Lightning-module mixin: the model's ``feature_weight`` is chosen from ``feature_weight_choices`` on the
-    validation split when validation starts (before its batches are scored), and saved in the checkpoint.
+class FittedTermWeight:
+    """Lightning-module mixin: the model's map weight (``fitted_weight``: ``feature_weight`` unless a subclass names
+    another, e.g. RAN's ``alpha``) is chosen from ``<fitted_weight>_choices`` on the validation split when validation
+    starts (before its batches are scored), and saved in the checkpoint.
 
-    Put it before ``DiffusionAnomalyModule`` in the bases and set ``self.feature_weight_choices`` (``check_weights``)
-    in ``__init__``. The torch model provides ``feature_weight``, ``scorer.blur`` and
+    Put it before ``DiffusionAnomalyModule`` in the bases and set ``self.<fitted_weight>_choices`` (``check_weights``)
+    in ``__init__``. The torch model provides the weight as an attribute, ``scorer.blur`` and
 
-    - ``validation_terms(images) -> (t0, t1)``: the raw term maps ``[B, 1, H, W]`` of ``images``;
-    - ``weighted_terms(t0, t1) -> (base, extra)``: the map before smoothing is ``base + feature_weight * extra``;
+    - ``validation_terms(images) -> (t0, t1)``: the raw term maps of ``images``;
+    - ``weighted_terms(t0, t1) -> (base, extra)``: ``[B, 1, H, W]``; the map before smoothing is ``base + weight * extra``;
     - ``score_maps(t0, t1) -> InferenceBatch``: what ``forward`` returns for those terms.
 
-    Each choice is scored by pixel AUROC + PRO on the validation masks (means over DDP ranks); the best becomes
-    ``feature_weight``. The term maps are kept by image path, so ``validation_step`` does not compute them again.
+    Each choice is scored by pixel AUROC + PRO on the validation masks (means over DDP ranks); the best becomes the
+    model's weight. The term maps are kept by image path, so ``validation_step`` does not compute them again.
     Without validation masks (both anomalous and normal pixels) it warns and keeps the configured weight.
     """
 
-    feature_weight_choices: tuple[float, ...] | None = None
+    fitted_weight: str = "feature_weight"
     _validation_terms: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]
 
     @property
-    def feature_weight_key(self) -> str:
-        """Checkpoint entry of the fitted weight (``dpnr_feature_weight``, ``d3ad_feature_weight``)."""
-        return f"{type(self).__name__.lower()}_feature_weight"
+    def weight_choices(self) -> tuple[float, ...] | None:
+        """The weights to choose from (``<fitted_weight>_choices``; ``None``: keep the configured one)."""
+        return getattr(self, f"{self.fitted_weight}_choices", None)
+
+    @property
+    def weight_key(self) -> str:
+        """Checkpoint entry of the fitted weight (``dpnr_feature_weight``, ``d3ad_feature_weight``, ``ran_alpha``)."""
+        return f"{type(self).__name__.lower()}_{self.fitted_weight}"
 
     def on_validation_start(self) -> None:
-        """Choose ``feature_weight`` on the validation split before it is scored (subclasses fit what the terms
+        """Choose the map weight on the validation split before it is scored (subclasses fit what the terms
         depend on first)."""
         super().on_validation_start()  # type: ignore[misc]
         self._validation_terms = {}
-        if self.feature_weight_choices and not self.trainer.sanity_checking:  # type: ignore[attr-defined]
-            self.fit_feature_weight()
+        if self.weight_choices and not self.trainer.sanity_checking:  # type: ignore[attr-defined]
+            self.fit_weight()
 
     @torch.no_grad()
-    def fit_feature_weight(self) -> None:
-        """Score every choice on the validation masks and keep the best as the model's ``feature_weight``."""
-        model, name = self.model, type(self).__name__  # type: ignore[attr-defined]
+    def fit_weight(self) -> None:
+        """Score every choice on the validation masks and keep the best as the model's weight."""
+        model, name, weight = self.model, type(self).__name__, self.fitted_weight  # type: ignore[attr-defined]
         self._validation_terms = {}
         bases, extras, masks = [], [], []
         for batch in self.validation_batches():  # type: ignore[attr-defined]
@@ -123,20 +129,20 @@ class FittedFeatureWeight:
         masks = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
         if not masks.any() or masks.all():
             rank_zero_warn(
-                f"{name}: the validation split has no masks with both anomalous and normal pixels, so feature_weight stays "
-                f"{model.feature_weight} (feature_weight_choices needs anomalous validation images with masks)"
+                f"{name}: the validation split has no masks with both anomalous and normal pixels, so {weight} stays "
+                f"{getattr(model, weight)} ({weight}_choices needs anomalous validation images with masks)"
             )
             return
-        scores = weight_scores(torch.cat(bases), torch.cat(extras), masks, self.feature_weight_choices)
+        scores = weight_scores(torch.cat(bases), torch.cat(extras), masks, self.weight_choices)
         strategy = self.trainer.strategy  # type: ignore[attr-defined]
         mean = strategy.reduce(torch.tensor(list(scores.values()), device=self.device), reduce_op="mean")  # type: ignore[attr-defined]
         scores = {weight: tuple(values) for weight, values in zip(scores, mean.tolist(), strict=True)}
-        model.feature_weight = best_weight(scores)
+        setattr(model, weight, best_weight(scores))
         shown = ", ".join(f"{w:g}: {a:.4f} / {p:.4f}" for w, (a, p) in scores.items())
-        rank_zero_info(f"{name}: feature_weight {model.feature_weight:g} chosen on the validation split (pixel AUROC / PRO {shown})")
+        rank_zero_info(f"{name}: {weight} {getattr(model, weight):g} chosen on the validation split (pixel AUROC / PRO {shown})")
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Maps and scores with the chosen ``feature_weight`` (from the kept term maps where there are some)."""
+        """Maps and scores with the chosen weight (from the kept term maps where there are some)."""
         kept_terms = getattr(self, "_validation_terms", {})
         kept = kept_terms.pop(tuple(batch.image_path), None) if batch.image_path is not None else None
         if kept is None:
@@ -149,12 +155,12 @@ class FittedFeatureWeight:
         self._validation_terms = {}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the fitted ``feature_weight`` with the weights."""
+        """Save the fitted weight with the network weights."""
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        checkpoint[self.feature_weight_key] = self.model.feature_weight  # type: ignore[attr-defined]
+        checkpoint[self.weight_key] = getattr(self.model, self.fitted_weight)  # type: ignore[attr-defined]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the fitted ``feature_weight`` (unless ``feature_weight_choices`` is null: the configured one)."""
+        """Restore the fitted weight (unless the choices are null: the configured one)."""
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        if self.feature_weight_choices and self.feature_weight_key in checkpoint:
-            self.model.feature_weight = float(checkpoint[self.feature_weight_key])  # type: ignore[attr-defined]
+        if self.weight_choices and self.weight_key in checkpoint:
+            setattr(self.model, self.fitted_weight, float(checkpoint[self.weight_key]))  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
 from anomalib_dpnr.components.statistics import FittedMapStatistics, check_statistics_images
-from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
+from anomalib_dpnr.components.term_weights import FittedTermWeight, check_weights
 
 from .loss import DenoisingLoss, DomainAdaptationLoss
 from .torch_model import D3ADModel
@@ -30,7 +30,7 @@ from .torch_model import D3ADModel
 __all__ = ["D3AD"]
 
 
-class D3AD(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
+class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
     """D3AD: kNN-guided dynamic noise step, scaled conditioned DDIM reconstruction, domain-adapted features.
 
     One ``anomalib train`` runs three phases: ``setup("fit")`` builds the kNN feature bank and its histogram

@@ -242,7 +242,7 @@ class D3ADModel(nn.Module):
         return self.score_maps(*self.term_maps(images, features=bool(self.feature_weight))[:2])
 
     def validation_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw latent/pixel and feature distance maps (what ``FittedFeatureWeight`` keeps)."""
+        """Raw latent/pixel and feature distance maps (what ``FittedTermWeight`` keeps)."""
         return self.term_maps(images)[:2]
 
     def weighted_terms(self, latent: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from anomalib_dpnr.components import (
     to_unit_range,
 )
 from anomalib_dpnr.components.statistics import FittedMapStatistics, check_statistics_images
-from anomalib_dpnr.components.term_weights import FittedFeatureWeight, check_weights
+from anomalib_dpnr.components.term_weights import FittedTermWeight, check_weights
 
 from .loss import EpsilonLoss, InjectionLoss, RHNLoss
 from .torch_model import DpnrModel
@@ -35,7 +35,7 @@ from .torch_model import DpnrModel
 __all__ = ["Dpnr"]
 
 
-class Dpnr(FittedFeatureWeight, FittedMapStatistics, DiffusionAnomalyModule):
+class Dpnr(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
     """DPNR: diffusion with structured noise from a dual-prototype noise repository.
 
     Args:

@@ -285,7 +285,7 @@ class DpnrModel(nn.Module):
         return self.score_maps(*self.mean_discrepancy(images))
 
     def validation_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both discrepancy terms, whatever ``feature_weight`` is (for choosing it: ``FittedFeatureWeight``)."""
+        """Both discrepancy terms, whatever ``feature_weight`` is (for choosing it: ``FittedTermWeight``)."""
         return self.mean_discrepancy(images, features=True)
 
     def statistics_maps(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,29 @@ import torch
 
 from anomalib_dpnr.components.statistics import MapStatistics
 
-__all__ = ["TERMS", "ensemble"]
+__all__ = ["TERMS", "ensemble", "standardised_terms"]
 
 TERMS = ("kl", "feature")  # the first slot axis of RAN's MapStatistics
+
+
+def standardised_terms(
+    kl: torch.Tensor,
+    feature: torch.Tensor,
+    statistics: MapStatistics,
+    normalise_features: bool,
+    reading: str = "standard",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The level means of the standardised KL maps ``s_hat_{t_i}`` and of the feature maps ``s^f_{t_i}`` (standardised
+    too with ``normalise_features``) from ``[levels, B, 1, H, W]`` raw maps: two ``[B, 1, H, W]`` maps.
+
+    ``statistics`` has slots ``[2, levels]`` (KL, feature) and is read as ``reading`` (``standard`` or ``position``).
+    """
+    pixel = torch.stack([statistics(kl[level], (0, level), reading) for level in range(kl.shape[0])]).mean(dim=0)
+    if normalise_features:
+        semantic = torch.stack([statistics(feature[level], (1, level), reading) for level in range(feature.shape[0])]).mean(dim=0)
+    else:
+        semantic = feature.mean(dim=0)
+    return pixel, semantic
 
 
 def ensemble(
@@ -29,13 +49,6 @@ def ensemble(
     normalise_features: bool,
     reading: str = "standard",
 ) -> torch.Tensor:
-    """Eq. 11 (averaged over levels) from ``[levels, B, 1, H, W]`` raw KL and feature maps: ``[B, 1, H, W]``.
-
-    ``statistics`` has slots ``[2, levels]`` (KL, feature) and is read as ``reading`` (``standard`` or ``position``).
-    """
-    combined = []
-    for level in range(kl.shape[0]):
-        pixel = statistics(kl[level], (0, level), reading)
-        semantic = statistics(feature[level], (1, level), reading) if normalise_features else feature[level]
-        combined.append(alpha * pixel + (1 - alpha) * semantic)
-    return torch.stack(combined).mean(dim=0)
+    """Eq. 11 (averaged over levels) from ``[levels, B, 1, H, W]`` raw KL and feature maps: ``[B, 1, H, W]``."""
+    pixel, semantic = standardised_terms(kl, feature, statistics, normalise_features, reading)
+    return alpha * pixel + (1 - alpha) * semantic

@@ -3,8 +3,8 @@
 Training learns the denoiser with learned variance and its feature head (``loss.RanLoss``). When fit starts, the
 gradient-denoising Gaussian is fitted on the training images' backbone features; when validation starts during fit,
 the per-level normalisation statistics of the KL and feature maps are computed on training images with the current
-networks. Both are buffers saved in the checkpoint. Equations, reference details and choices where the paper is
-silent: ``models/ran/README.md``.
+networks; with ``alpha_choices``, Eq. 11's ``alpha`` is then chosen on the validation masks. All are saved in the
+checkpoint. Equations, reference details and choices where the paper is silent: ``models/ran/README.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from anomalib_dpnr.components import DiffusionAnomalyModule
 from anomalib_dpnr.components.statistics import FittedMapStatistics, check_statistics_images
+from anomalib_dpnr.components.term_weights import FittedTermWeight, check_weights
 
 from .loss import RanLoss
 from .torch_model import RanModel
@@ -31,8 +32,11 @@ from .torch_model import RanModel
 __all__ = ["Ran"]
 
 
-class Ran(FittedMapStatistics, DiffusionAnomalyModule):
+class Ran(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
     """RAN: pixel KL and feature scores over a noise ensemble, with optional gradient denoising.
+
+    With ``alpha_choices``, Eq. 11's ``alpha`` is chosen on the validation split when it is scored (after the
+    statistics are fitted) and saved in the checkpoint.
 
     Args:
         image_size: Side (or ``(H, W)``) images are resized to (reference: 256).
@@ -54,7 +58,11 @@ class Ran(FittedMapStatistics, DiffusionAnomalyModule):
         respacing: Steps of the respaced schedule scores are read on (reference: 250).
         inference_timesteps: Steps of the respaced schedule that are scored and ensembled (reference: 5, 50, 100).
         clip_denoised: Clip the predicted ``x_0`` to ``[-1, 1]`` in ``p_theta``'s mean at inference.
-        alpha: Weight of the normalised KL map against the feature map (Eq. 11; reference 1 : 1, i.e. 0.5).
+        alpha: Weight of the normalised KL map against the feature map (Eq. 11; reference 1 : 1, i.e. 0.5; used as
+            given when ``alpha_choices`` is null or the validation split has no anomalous pixels).
+        alpha_choices: Values ``alpha`` is chosen from on the validation split: the one whose smoothed map has the
+            highest pixel AUROC + PRO on the validation masks (``components.term_weights``; saved in the checkpoint).
+            Null (reference) keeps ``alpha``.
         normalise_features: Standardise the feature maps per level too (Eq. 11 standardises the KL maps only).
         positional_statistics: Standardise each map pixel by the training images' mean and standard deviation at
             that pixel position (per term and level) instead of one mean and standard deviation per level. Both
@@ -81,6 +89,8 @@ class Ran(FittedMapStatistics, DiffusionAnomalyModule):
         seed: ``lightning.seed_everything(seed)`` before the networks are built (``None``: unseeded).
     """
 
+    fitted_weight = "alpha"  # FittedTermWeight chooses Eq. 11's alpha from alpha_choices
+
     def __init__(
         self,
         image_size: int | tuple[int, int] = 256,
@@ -102,6 +112,7 @@ class Ran(FittedMapStatistics, DiffusionAnomalyModule):
         inference_timesteps: Sequence[int] = (5, 50, 100),
         clip_denoised: bool = True,
         alpha: float = 0.5,
+        alpha_choices: Sequence[float] | None = None,
         normalise_features: bool = False,
         positional_statistics: bool = False,
         positional_shrinkage: float = 0.1,
@@ -136,6 +147,10 @@ class Ran(FittedMapStatistics, DiffusionAnomalyModule):
             inference_dtype=inference_dtype,
         )
         self.statistics_images = check_statistics_images(statistics_images)
+        self.alpha_choices = check_weights(alpha_choices, "alpha_choices")
+        if self.alpha_choices and max(self.alpha_choices) > 1:
+            msg = f"alpha_choices must lie in [0, 1], got {list(alpha_choices)}"
+            raise ValueError(msg)
         self.model = RanModel(
             num_timesteps=num_timesteps,
             beta_schedule=beta_schedule,

@@ -31,7 +31,7 @@ from anomalib_dpnr.components import (
 from anomalib_dpnr.components.features import FeatureEmbedder
 from anomalib_dpnr.components.statistics import MapStatistics
 
-from .ensemble import TERMS, ensemble
+from .ensemble import TERMS, standardised_terms
 from .feature_head import FeatureHead, feature_error
 from .gradient_denoising import MahalanobisGuide, gradient_denoise
 from .kl_score import reverse_step, variational_terms
@@ -204,14 +204,27 @@ class RanModel(nn.Module):
         """``[2, levels, B, 1, H, W]`` raw KL and feature maps (what ``normaliser``'s statistics are fitted on)."""
         return torch.stack(self.level_maps(images))
 
+    def validation_terms(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``[levels, B, 1, H, W]`` KL and feature maps (what ``FittedTermWeight`` keeps to choose ``alpha``)."""
+        return self.level_maps(images)
+
+    def weighted_terms(self, kl: torch.Tensor, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s^f, s_hat - s^f)`` (level means, ``ensemble.standardised_terms``): Eq. 11's map before smoothing is
+        ``base + alpha * extra``."""
+        reading = "position" if self.positional_statistics else "standard"
+        pixel, semantic = standardised_terms(kl, feature, self.normaliser, self.normalise_features, reading)
+        return semantic, pixel - semantic
+
+    def score_maps(self, kl: torch.Tensor, feature: torch.Tensor) -> InferenceBatch:
+        """Anomaly map (Eq. 11, Gaussian-smoothed) and image score (top-k mean) of raw level maps."""
+        base, extra = self.weighted_terms(kl, feature)
+        anomaly_map, pred_score = self.scorer(base + self.alpha * extra)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> InferenceBatch:
         """Anomaly map (Eq. 11, Gaussian-smoothed) and image score (top-k mean)."""
-        kl, feature = self.level_maps(images)
-        reading = "position" if self.positional_statistics else "standard"
-        combined = ensemble(kl, feature, self.normaliser, self.alpha, self.normalise_features, reading)
-        anomaly_map, pred_score = self.scorer(combined)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return self.score_maps(*self.level_maps(images))
 
     # --- training -----------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> RanOutput | InferenceBatch:
