@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from anomalib_dpnr import Ran
 
-    module = Ran.load_from_checkpoint(args.ckpt).eval()
+    # the configured alpha, not one fitted on this validation half: these readings vary it themselves
+    module = Ran.load_from_checkpoint(args.ckpt, alpha_choices=None).eval()
     loader = sample_split(args.dataset, args.data_root).val_dataloader()
     start = time.perf_counter()
     kl, feature, labels, masks = collect_terms(module, loader, module.model.level_maps, dim=1)
