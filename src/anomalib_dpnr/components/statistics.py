@@ -143,8 +143,8 @@ def check_statistics_images(count: int) -> int:
 class FittedMapStatistics:
     """Lightning-module mixin: when validation starts during fit (not the sanity check; once per global step), the
     model's ``normaliser`` (``MapStatistics``) is fitted on the raw maps of up to ``statistics_images`` training
-    images under the current networks, so thresholds and a fitted ``feature_weight`` are read on the final
-    statistics. Put it after ``FittedTermWeight`` and before ``DiffusionAnomalyModule`` in the bases (the
+    images under the current networks, so thresholds and a fitted map weight (``FittedTermWeight``) are read on the
+    final statistics. Put it after ``FittedTermWeight`` and before ``DiffusionAnomalyModule`` in the bases (the
     statistics are then fitted first), set ``self.statistics_images`` (``check_statistics_images``) in
     ``__init__``; the torch model provides ``normaliser`` and ``statistics_maps(images) -> [*slots, B, 1, H, W]``.
     ``fits_statistics`` (default true) turns the fitting off when nothing reads the statistics.

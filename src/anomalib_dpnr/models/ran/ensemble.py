@@ -33,12 +33,11 @@ def standardised_terms(
 
     ``statistics`` has slots ``[2, levels]`` (KL, feature) and is read as ``reading`` (``standard`` or ``position``).
     """
-    pixel = torch.stack([statistics(kl[level], (0, level), reading) for level in range(kl.shape[0])]).mean(dim=0)
-    if normalise_features:
-        semantic = torch.stack([statistics(feature[level], (1, level), reading) for level in range(feature.shape[0])]).mean(dim=0)
-    else:
-        semantic = feature.mean(dim=0)
-    return pixel, semantic
+
+    def standardised_mean(maps: torch.Tensor, term: int) -> torch.Tensor:
+        return torch.stack([statistics(maps[level], (term, level), reading) for level in range(maps.shape[0])]).mean(dim=0)
+
+    return standardised_mean(kl, 0), standardised_mean(feature, 1) if normalise_features else feature.mean(dim=0)
 
 
 def ensemble(
