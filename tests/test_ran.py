@@ -389,6 +389,7 @@ def test_configs_match_the_reference(config: str) -> None:
     assert init_args["inference_timesteps"] == levels and init_args["respacing"] == 250 and init_args["top_k"] == 64
     assert init_args["gradient_denoising"] is False and init_args["alpha"] == 0.5
     assert init_args["alpha_choices"] == ([0.25, 0.5, 0.6, 0.75, 0.9, 1.0] if config == "cpu" else None)  # 0.5 among them
+    assert init_args["feature_layers"] == (["blocks.4"] if config == "paper" else ["blocks.2", "blocks.4"])  # README
     if config == "cpu":  # the paper's 554M-parameter UNet is not built here
         module = Ran(**{**init_args, "pre_trained": False})
         assert module.model.denoiser.config.out_channels == 6 and module.model.size_multiple == 16
