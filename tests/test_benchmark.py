@@ -203,11 +203,16 @@ def test_models_table_takes_one_dataset_of_a_csv(tmp_path: Path) -> None:
     assert line.startswith("pixel AUROC / PRO: bottle 0.700 ± 0.141") and line.endswith("inference on bottle 10x (4x in bfloat16) PatchCore's")
     # the multiples come from the speed run only, never from the quality CSVs' own timings
     assert "inference" not in models_table.headline(bench.summarise(timed), "Dpnr", "configs/dpnr/cpu.yaml")
-    # rows of the config trained differently (``--trainer.*``) stand in for a dataset without the shipped config's rows
+    # rows of the config trained differently (``--trainer.*``, ``--model.*``) stand in for a dataset without the
+    # shipped config's rows: those with the fewest other settings (not a retest of them), named in the line
     tile = [{**r, "dataset": "magnetic_tile"} for r in rows if r["dataset"] == "tile"]
     shorter = [{**r, "config": f"{r['config']} --trainer.max_epochs 6"} if r["model"] == "Dpnr" else r for r in tile]
     line = models_table.headline(bench.summarise(shorter), "Dpnr", "configs/dpnr/cpu.yaml")
     assert line == "pixel AUROC / PRO: magnetic_tile 0.600 / 0.600, 1 seed, `--trainer.max_epochs 6` (Padim 0.700 / 0.700)"
+    other = [{**r, "config": f"{r['config']} --model.layers a"} if r["model"] == "Dpnr" else r for r in tile]
+    retest = [{**r, "config": f"{r['config']} --model.alpha 1 --model.layers a", "pixel_AUROC": 0.1} for r in tile if r["model"] == "Dpnr"]
+    line = models_table.headline(bench.summarise(retest + other), "Dpnr", "configs/dpnr/cpu.yaml")
+    assert line == "pixel AUROC / PRO: magnetic_tile 0.600 / 0.600, 1 seed, `--model.layers a` (Padim 0.700 / 0.700)"
 
 
 def test_append_replaces_rows_where_they_stood() -> None:
