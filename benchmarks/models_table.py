@@ -45,7 +45,7 @@ def headline(summary: list[dict], name: str, config: str, speed: list[dict] | No
         # the config as shipped; else the config with the fewest other settings (``--trainer.*``, ``--model.*``),
         # named in the line
         other = sorted((c for c in rows if c.startswith(f"{config} --")), key=lambda c: (len(c), c))
-        own = [rows[config]] if config in rows else [rows[c] for c in other][:1]
+        own = [rows[config]] if config in rows else [rows[c] for c in other[:1]]
         base = [r for r in summary if r["model"] == reference and r["dataset"] == dataset]
         if not own or not base:
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from pathlib import Path
 
@@ -230,8 +231,9 @@ def test_gradient_denoising_without_the_diffusion_steps_is_plain_descent() -> No
 
 
 # --- every trained component receives gradient and changes the output -----------------------------------------
-def test_each_component_gets_gradient_and_changes_the_map() -> None:
-    module = Ran(**TINY_RAN, seed=0, positional_statistics=True, normalise_features=True)  # the CPU config's reading
+@pytest.mark.parametrize("feature_layers", [["blocks.4"], ["blocks.2", "blocks.4"]])  # paper / CPU configs' targets
+def test_each_component_gets_gradient_and_changes_the_map(feature_layers: list[str]) -> None:
+    module = Ran(**TINY_RAN, seed=0, positional_statistics=True, normalise_features=True, feature_layers=feature_layers)
     model = module.model.train()
     output = model(images(4))
     losses = module.loss(output, model.schedule)
@@ -254,11 +256,16 @@ def test_each_component_gets_gradient_and_changes_the_map() -> None:
         after_variance = model.predict(batch).anomaly_map
         conv_out[:3].mul_(1.5)  # the noise channels
         after_noise = model.predict(batch).anomaly_map
-        model.feature_head.head[-1].weight.mul_(1.5)
-        after_head = model.predict(batch).anomaly_map
+        head, start, after_layers = model.feature_head.head[-1].weight, 0, [after_noise]
+        for layer in feature_layers:  # each target layer's output channels of the head
+            width = model.backbone.channels[layer]
+            head[start : start + width].mul_(1.5)
+            after_layers.append(model.predict(batch).anomaly_map)
+            start += width
     assert not torch.allclose(before, after_variance)
     assert not torch.allclose(after_variance, after_noise)
-    assert not torch.allclose(after_noise, after_head)
+    assert start == head.shape[0]  # the head predicts every target layer's channels
+    assert all(not torch.allclose(a, b) for a, b in itertools.pairwise(after_layers))
 
 
 def test_feature_embedder_labels_layers_by_name_in_any_order() -> None:
