@@ -220,16 +220,21 @@ class Phases(Callback):
         self.adapting.setdefault(trainer.current_epoch, set()).add(module.adapting)
 
 
+def fit_with(callback: Callback, module: D3AD, root: Path, max_epochs: int, dataset: Path) -> None:
+    """One quiet CPU ``Engine.fit`` of ``module`` on ``dataset`` with ``callback``."""
+    Engine(
+        default_root_dir=root, max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+    ).fit(module, datamodule=datamodule(dataset))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def adapted_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[D3AD, Path, Phases]:
     root = tmp_path_factory.mktemp("d3ad_da")
     module = D3AD(**{**TINY_D3AD, "domain_adaptation": True}, seed=0)
     initial = {k: v.clone() for k, v in module.model.state_dict().items()}
     phases = Phases()
-    Engine(
-        default_root_dir=root, max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[phases],
-    ).fit(module, datamodule=datamodule(tiny_dataset))  # fmt: skip
+    fit_with(phases, module, root, 2, tiny_dataset)
     module.initial = initial  # type: ignore[attr-defined]
     (checkpoint,) = root.glob("**/weights/lightning/model.ckpt")
     return module.eval(), checkpoint, phases
@@ -317,6 +322,92 @@ def test_adaptation_needs_a_denoiser_epoch(tiny_dataset: Path, tmp_path: Path) -
         D3AD(**TINY_D3AD, step_mode="dynamic")
     with pytest.raises(ValueError, match="domain_adaptation_epochs >= 1"):
         D3AD(**{**TINY_D3AD, "domain_adaptation": True}, domain_adaptation_epochs=0)
+
+
+# --- trained latent autoencoder ------------------------------------------------------------------------------
+AUTOENCODER = {"autoencoder_channels": [8, 8], "latent_channels": 4, "autoencoder_epochs": 1}
+
+
+def test_trained_autoencoder_codec() -> None:
+    from anomalib_dpnr.components.latent import LatentCodec
+
+    torch.manual_seed(0)
+    codec = LatentCodec(autoencoder_channels=[8, 8, 8], latent_channels=4, norm_num_groups=8)
+    assert codec.trainable and codec.factor == 4 and codec.channels == 4 and float(codec.scale) == 1.0
+    batch = images(3)
+    assert codec.encode(batch).shape == (3, 4, 16, 16) and codec.decode(codec.encode(batch)).shape == batch.shape
+    losses = codec.reconstruction_loss(batch, kl_weight=0.1)
+    torch.testing.assert_close(losses["loss"], losses["l1"] + 0.1 * losses["kl"])
+    losses["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in codec.vae.parameters())
+    raw = codec.encode(batch)  # scale 1: the unscaled posterior mean
+    scale = codec.fit_scale([batch[:2], batch[2:]])
+    assert scale == pytest.approx(1 / float(raw.std()), rel=1e-4) and "scale" in codec.state_dict()
+    torch.testing.assert_close(codec.encode(batch), raw * scale)
+    torch.testing.assert_close(codec.decode(codec.encode(batch)), codec.vae.decode(raw).sample)  # decode undoes the scale
+    fixed = LatentCodec(scale=0.5, autoencoder_channels=[8, 8], norm_num_groups=8)
+    assert fixed.fit_scale([batch]) == 0.5  # a given scale is kept
+    with pytest.raises(ValueError, match="not both"):
+        LatentCodec("some/vae", autoencoder_channels=[8, 8], norm_num_groups=8)
+    with pytest.raises(ValueError, match="multiples of norm_num_groups"):
+        LatentCodec(autoencoder_channels=[8, 12], norm_num_groups=8)
+    with pytest.raises(ValueError, match="cannot fit the latent scale"):
+        codec.fit_scale([])
+    with pytest.raises(RuntimeError, match="has none"):
+        LatentCodec().reconstruction_loss(batch)
+
+
+class AutoencoderPhases(Callback):
+    """Each epoch's phase, and the autoencoder's weights after its own epoch."""
+
+    def __init__(self) -> None:
+        self.phase: dict[int, set[str]] = {}
+        self.after_autoencoder: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, module: LightningModule, *args: object) -> None:
+        phase = "autoencoder" if module.training_autoencoder else "adaptation" if module.adapting else "denoiser"
+        self.phase.setdefault(trainer.current_epoch, set()).add(phase)
+
+    def on_train_epoch_end(self, trainer: Trainer, module: LightningModule) -> None:
+        if trainer.current_epoch == 0:
+            self.after_autoencoder = {k: v.clone() for k, v in module.model.codec.vae.state_dict().items()}
+
+
+def test_fit_trains_the_autoencoder_first_then_diffuses_in_its_latent(tiny_dataset: Path, tmp_path: Path) -> None:
+    module = D3AD(**{**TINY_D3AD, **AUTOENCODER, "domain_adaptation": True}, seed=0)
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    phases = AutoencoderPhases()
+    fit_with(phases, module, tmp_path, 3, tiny_dataset)
+    assert phases.phase == {0: {"autoencoder"}, 1: {"denoiser"}, 2: {"adaptation"}}
+    state = module.model.state_dict()
+    changed = lambda prefix: any(not torch.equal(v, initial[k]) for k, v in state.items() if k.startswith(prefix))  # noqa: E731
+    assert changed("codec.vae.") and changed("denoiser.") and changed("adapted.")
+    codec = module.model.codec  # trained in epoch 0 only, then frozen; its scale fitted at epoch 1
+    assert all(torch.equal(v, phases.after_autoencoder[k]) for k, v in codec.vae.state_dict().items())
+    assert float(codec.scale) != 1.0 and module.model.denoiser.config.in_channels == 4
+    module.eval()
+    batch = sample_images(tiny_dataset)
+    assert module.model.codec.encode(batch).shape[-2:] == (32, 32)
+    (checkpoint,) = tmp_path.glob("**/weights/lightning/model.ckpt")
+    reloaded = D3AD.load_from_checkpoint(checkpoint).eval()
+    assert torch.equal(reloaded.model.codec.scale, codec.scale)
+    with torch.no_grad():
+        before, again = module(batch), reloaded(batch)
+        assert torch.equal(before.anomaly_map, again.anomaly_map)
+        next(iter(codec.vae.decoder.parameters())).mul_(1.5)  # the decoder shapes the feature term
+        after_decoder = module(batch).anomaly_map
+        next(iter(codec.vae.encoder.parameters())).mul_(1.5)  # the encoder shapes the latent
+        after_encoder = module(batch).anomaly_map
+    assert not torch.allclose(before.anomaly_map, after_decoder) and not torch.allclose(after_decoder, after_encoder)
+
+
+def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs both autoencoder_channels and autoencoder_epochs"):
+        D3AD(**TINY_D3AD, autoencoder_channels=[8, 8])
+    with pytest.raises(ValueError, match="needs both autoencoder_channels and autoencoder_epochs"):
+        D3AD(**TINY_D3AD, autoencoder_epochs=2)
+    with pytest.raises(ValueError, match="max_epochs=1 leaves no epoch for the denoiser besides autoencoder_epochs=1"):
+        engine(tmp_path).fit(D3AD(**TINY_D3AD, **AUTOENCODER), datamodule=datamodule(tiny_dataset))
 
 
 # --- configurations ---------------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
     """D3AD: kNN-guided dynamic noise step, scaled conditioned DDIM reconstruction, domain-adapted features.
 
     One ``anomalib train`` runs three phases: ``setup("fit")`` builds the kNN feature bank and its histogram
-    from the training images; the first ``max_epochs - domain_adaptation_epochs`` epochs train the denoiser,
+    from the training images; with ``autoencoder_channels`` the first ``autoencoder_epochs`` train the latent
+    autoencoder, after which its latent scale is fitted and it stays frozen; the next epochs train the denoiser,
     the last ``domain_adaptation_epochs`` fine-tune the backbone copy (denoiser frozen); when validation
     starts during fit, the map-normalisation statistics are fitted on the training images with the current
     networks. Validate at the last epoch (the configs do) so the saved checkpoint holds all three.
@@ -43,7 +44,15 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         image_size: Side (or ``(H, W)``) images are resized to (reference: 256).
         vae_path: Local/offline-cached diffusers ``AutoencoderKL`` (reference: Stable Diffusion's VAE,
             256 px -> 32x32x4); ``None`` = pixel space (DDAD).
-        latent_scale: Latent scaling; default: the VAE's scaling factor (1 in pixel space).
+        latent_scale: Latent scaling; default: the VAE's scaling factor (1 in pixel space; fitted as 1 / std of the
+            training latents for a trained autoencoder).
+        autoencoder_channels: Instead of a pretrained VAE, a small ``AutoencoderKL`` of these widths (each level but
+            the last halves the resolution) trained from scratch on the training images in the first
+            ``autoencoder_epochs`` epochs, then frozen (``components.LatentCodec``); ``None``: none.
+        latent_channels: Latent channels of that autoencoder (Stable Diffusion's: 4).
+        autoencoder_epochs: First epochs of ``max_epochs`` spent training it (needs ``autoencoder_channels``).
+        autoencoder_learning_rate: Its AdamW learning rate.
+        autoencoder_kl_weight: Weight of its KL term against the L1 reconstruction (latent diffusion's KL-f: 1e-6).
         num_timesteps: Diffusion steps ``T`` (reference: 1000).
         beta_schedule: diffusers schedule name (reference: linear).
         beta_start: First beta (reference: 0.0015).
@@ -52,7 +61,7 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         layers_per_block: ResNet blocks per level.
         attention_levels: Denoiser levels with self-attention.
         attention_head_dim: Channels per attention head.
-        norm_num_groups: GroupNorm groups of the denoiser.
+        norm_num_groups: GroupNorm groups of the denoiser (and of the trained autoencoder).
         backbone: timm backbone for the kNN estimate and the feature distance.
         knn_layer: Backbone layer of the kNN estimate (reference: ResNet34 ``layer2``).
         layers: Backbone layers of the feature distance (reference: ``layer2``, ``layer3``).
@@ -103,6 +112,11 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         image_size: int | tuple[int, int] = 256,
         vae_path: str | None = None,
         latent_scale: float | None = None,
+        autoencoder_channels: Sequence[int] | None = None,
+        latent_channels: int = 4,
+        autoencoder_epochs: int = 0,
+        autoencoder_learning_rate: float = 1e-3,
+        autoencoder_kl_weight: float = 1e-6,
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 0.0015,
@@ -164,6 +178,12 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         if domain_adaptation and domain_adaptation_epochs < 1:
             msg = f"domain_adaptation needs domain_adaptation_epochs >= 1, got {domain_adaptation_epochs} (or set domain_adaptation: false)"
             raise ValueError(msg)
+        if bool(autoencoder_channels) != (autoencoder_epochs > 0) or autoencoder_epochs < 0:
+            msg = (
+                f"a trained autoencoder needs both autoencoder_channels and autoencoder_epochs >= 1 (got {autoencoder_channels} "
+                f"and {autoencoder_epochs}); set neither for pixel space or a pretrained vae_path"
+            )
+            raise ValueError(msg)
         self.statistics_images = check_statistics_images(statistics_images)
         if positional_statistics and not normalise_maps:
             msg = "positional_statistics reads the map-normalisation statistics: it needs normalise_maps true"
@@ -172,6 +192,8 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
             image_size=image_size,
             vae_path=vae_path,
             latent_scale=latent_scale,
+            autoencoder_channels=autoencoder_channels,
+            latent_channels=latent_channels,
             num_timesteps=num_timesteps,
             beta_schedule=beta_schedule,
             beta_start=beta_start,
@@ -212,6 +234,9 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         self.loss = DenoisingLoss()
         self.adaptation_loss = DomainAdaptationLoss(frozen_weight)
         self.domain_adaptation_epochs = domain_adaptation_epochs if domain_adaptation else 0
+        self.autoencoder_epochs = autoencoder_epochs
+        self.autoencoder_learning_rate = autoencoder_learning_rate
+        self.autoencoder_kl_weight = autoencoder_kl_weight
         self.adaptation_learning_rate = adaptation_learning_rate
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -235,10 +260,14 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         max_epochs = self.trainer.max_epochs
         if self.domain_adaptation_epochs and (max_epochs is None or max_epochs < 0):
             rank_zero_warn("D3AD: training is bounded by steps, not epochs, so the domain adaptation phase never starts")
-        elif self.domain_adaptation_epochs and max_epochs <= self.domain_adaptation_epochs:
+        elif self.autoencoder_epochs and (max_epochs is None or max_epochs < 0):
+            rank_zero_warn("D3AD: training is bounded by steps, not epochs: the autoencoder trains for autoencoder_epochs, then the denoiser")
+        reserved = self.autoencoder_epochs + self.domain_adaptation_epochs
+        if reserved and max_epochs is not None and 0 <= max_epochs <= reserved:
             msg = (
-                f"D3AD: max_epochs={max_epochs} leaves no epoch for the denoiser before the last "
-                f"domain_adaptation_epochs={self.domain_adaptation_epochs}; raise max_epochs or set domain_adaptation: false"
+                f"D3AD: max_epochs={max_epochs} leaves no epoch for the denoiser besides autoencoder_epochs="
+                f"{self.autoencoder_epochs} and domain_adaptation_epochs={self.domain_adaptation_epochs}; raise max_epochs"
+                + (" or set domain_adaptation: false" if self.domain_adaptation_epochs else "")
             )
             raise ValueError(msg)
         if self.model.needs_bank:
@@ -253,10 +282,27 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         max_epochs = self.trainer.max_epochs
         return max_epochs is not None and max_epochs >= 0 and self.trainer.current_epoch >= max_epochs - self.domain_adaptation_epochs
 
+    @property
+    def training_autoencoder(self) -> bool:
+        """Whether this epoch trains the latent autoencoder (the first ``autoencoder_epochs``)."""
+        return self._trainer is not None and self.trainer.current_epoch < self.autoencoder_epochs
+
+    def on_train_epoch_start(self) -> None:
+        """At the first denoiser epoch after the autoencoder's: fit its latent scale on the training images."""
+        super().on_train_epoch_start()
+        if self.autoencoder_epochs and self.trainer.current_epoch == self.autoencoder_epochs:
+            data = self.fitting_data("the latent scale")
+            scale = self.model.codec.fit_scale(self.training_images(data, self.statistics_images))
+            self.log("latent_scale", scale)
+
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Denoiser epochs: DDPM loss. Adaptation epochs: feature consistency of the backbone copy."""
+        """Autoencoder epochs: L1 + KL. Denoiser epochs: DDPM loss. Adaptation epochs: feature consistency of the
+        backbone copy."""
         del args, kwargs
-        if self.adapting:
+        if self.training_autoencoder:
+            losses = self.model.codec.reconstruction_loss(batch.image, self.autoencoder_kl_weight)
+            losses = {f"autoencoder_{k}" if k != "loss" else k: v for k, v in losses.items()}
+        elif self.adapting:
             losses = self.adaptation_loss(*self.model.adaptation_features(batch.image))
             losses = {f"adaptation_{k}" if k != "loss" else k: v for k, v in losses.items()}
         else:
@@ -265,9 +311,12 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         return self.log_losses(losses, batch.image.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW with the denoiser and the backbone copy as parameter groups; each phase's loss reaches only its
-        own group (AdamW skips parameters without gradient). Backbone, VAE and bank stay frozen."""
+        """AdamW with the denoiser, the backbone copy and the trained autoencoder as parameter groups; each phase's
+        loss reaches only its own group (AdamW skips parameters without gradient). Backbone, pretrained VAE and bank
+        stay frozen."""
         groups = [{"params": list(self.model.denoiser.parameters()), "lr": self.learning_rate}]
+        if self.model.codec.trainable:
+            groups.append({"params": list(self.model.codec.vae.parameters()), "lr": self.autoencoder_learning_rate})
         if self.model.adapted is not None:
             groups.append({"params": list(self.model.adapted.parameters()), "lr": self.adaptation_learning_rate})
         return torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)

@@ -59,6 +59,8 @@ class D3ADModel(nn.Module):
         image_size: int | tuple[int, int] = 256,
         vae_path: str | Path | None = None,
         latent_scale: float | None = None,
+        autoencoder_channels: Sequence[int] | None = None,
+        latent_channels: int = 4,
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 0.0015,
@@ -108,7 +110,7 @@ class D3ADModel(nn.Module):
         if len(adaptation_steps) != 2 or not 1 <= adaptation_steps[0] <= adaptation_steps[1]:
             msg = f"adaptation_steps must be (low, high) with 1 <= low <= high, got {adaptation_steps}"
             raise ValueError(msg)
-        self.codec = LatentCodec(vae_path, latent_scale)
+        self.codec = LatentCodec(vae_path, latent_scale, autoencoder_channels, latent_channels, norm_num_groups)
         self.schedule = NoiseSchedule(num_timesteps, beta_schedule, beta_start, beta_end)
         self.schedule.check_timesteps([fixed_step] if step_mode == "fixed" else [max_step])
         self.schedule.check_timesteps(list(adaptation_steps))
