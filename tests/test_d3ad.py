@@ -379,6 +379,8 @@ def test_fit_trains_the_autoencoder_first_then_diffuses_in_its_latent(tiny_datas
     phases = AutoencoderPhases()
     fit_with(phases, module, tmp_path, 3, tiny_dataset)
     assert phases.phase == {0: {"autoencoder"}, 1: {"denoiser"}, 2: {"adaptation"}}
+    logged = {name.removesuffix("_epoch").removesuffix("_step") for name in module.trainer.callback_metrics}
+    assert {"train_loss", "train_autoencoder_l1", "train_autoencoder_kl", "train_adaptation_consistency", "latent_scale"} <= logged
     state = module.model.state_dict()
     changed = lambda prefix: any(not torch.equal(v, initial[k]) for k, v in state.items() if k.startswith(prefix))  # noqa: E731
     assert changed("codec.vae.") and changed("denoiser.") and changed("adapted.")

@@ -225,9 +225,11 @@ class DiffusionAnomalyModule(AnomalibModule):
             raise RuntimeError(msg)
         return datamodule.train_data
 
-    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """Log every loss term as ``train_<name>`` and return the total ``loss``."""
-        self.log_dict({f"train_{name}": value for name, value in losses.items()}, prog_bar=True, on_epoch=True, batch_size=batch_size)
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int, phase: str = "") -> torch.Tensor:
+        """Log every loss term as ``train_<name>`` (``train_<phase>_<name>`` for the terms besides the total, when a
+        training phase is named) and return the total ``loss``."""
+        names = {name: f"{phase}_{name}" if phase and name != "loss" else name for name in losses}
+        self.log_dict({f"train_{names[name]}": value for name, value in losses.items()}, prog_bar=True, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
 
     @property

@@ -300,15 +300,13 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         backbone copy."""
         del args, kwargs
         if self.training_autoencoder:
-            losses = self.model.codec.reconstruction_loss(batch.image, self.autoencoder_kl_weight)
-            losses = {f"autoencoder_{k}" if k != "loss" else k: v for k, v in losses.items()}
+            phase, losses = "autoencoder", self.model.codec.reconstruction_loss(batch.image, self.autoencoder_kl_weight)
         elif self.adapting:
-            losses = self.adaptation_loss(*self.model.adaptation_features(batch.image))
-            losses = {f"adaptation_{k}" if k != "loss" else k: v for k, v in losses.items()}
+            phase, losses = "adaptation", self.adaptation_loss(*self.model.adaptation_features(batch.image))
         else:
             output = self.model(batch.image)
-            losses = self.loss(output.noise, output.predicted)
-        return self.log_losses(losses, batch.image.shape[0])
+            phase, losses = "", self.loss(output.noise, output.predicted)
+        return self.log_losses(losses, batch.image.shape[0], phase)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with the denoiser, the backbone copy and the trained autoencoder as parameter groups; each phase's
