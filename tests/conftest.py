@@ -96,7 +96,7 @@ TINY_DIAD = {
 # Every plugin model, once: class name in anomalib_dpnr -> (config folder under configs/, tiny init_args).
 # Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
 MODELS = {
-    "D3AD": ("d3ad", TINY_D3AD),
+    "D3AD": ("d3ad", {**TINY_D3AD, "autoencoder_channels": None, "autoencoder_epochs": 0}),  # CLI epochs: 1
     "DiAD": ("diad", TINY_DIAD),
     "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD),
     "Dpnr": ("dpnr", TINY_DPNR),

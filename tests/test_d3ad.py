@@ -418,7 +418,7 @@ def d3ad_config(name: str) -> dict:
     return yaml.safe_load((REPO / "configs" / "d3ad" / f"{name}.yaml").read_text())
 
 
-@pytest.mark.parametrize("config", ["cpu", "paper", "ddad", "ddad_cpu"])
+@pytest.mark.parametrize("config", ["cpu", "pixel_cpu", "paper", "ddad", "ddad_cpu"])
 def test_configs_build(config: str) -> None:
     init_args = d3ad_config(config)["model"]["init_args"]
     init_args.update(pre_trained=False, vae_path=None)  # no weights needed to check the arguments
@@ -429,6 +429,8 @@ def test_configs_build(config: str) -> None:
         assert module.adaptation_loss.frozen_weight == 0.1 and model.codec.vae is None
     else:
         assert module.model.step_mode == "image" and not module.model.add_noise
+    if config == "cpu":  # the shipped CPU config diffuses in a trained autoencoder's latent space
+        assert module.autoencoder_epochs == 10 and module.model.codec.vae is not None
 
 
 DDAD_METHOD = (
@@ -437,10 +439,21 @@ DDAD_METHOD = (
 )
 
 
-def test_ddad_cpu_config_is_ddads_method_on_the_cpu_configs_networks() -> None:
-    cpu, ddad, ddad_cpu = d3ad_config("cpu"), d3ad_config("ddad"), d3ad_config("ddad_cpu")
+def test_ddad_cpu_config_is_ddads_method_on_the_pixel_cpu_configs_networks() -> None:
+    cpu, ddad, ddad_cpu = d3ad_config("pixel_cpu"), d3ad_config("ddad"), d3ad_config("ddad_cpu")
     args = ddad_cpu["model"]["init_args"]
     assert {key: args[key] for key in DDAD_METHOD} == {key: ddad["model"]["init_args"][key] for key in DDAD_METHOD}
     rest = {key: value for key, value in args.items() if key not in DDAD_METHOD}
     assert rest == {key: value for key, value in cpu["model"]["init_args"].items() if key not in DDAD_METHOD}
     assert {key: ddad_cpu[key] for key in ("trainer", "data")} == {key: cpu[key] for key in ("trainer", "data")}
+
+
+def test_cpu_config_is_pixel_cpu_with_a_trained_autoencoder() -> None:
+    latent, pixel = d3ad_config("cpu"), d3ad_config("pixel_cpu")
+    added = {key: value for key, value in latent["model"]["init_args"].items() if key not in pixel["model"]["init_args"]}
+    assert added.pop("autoencoder_channels") and added.pop("autoencoder_epochs") == 10
+    assert {key: pixel["model"]["init_args"][key] for key in pixel["model"]["init_args"]} == {
+        key: latent["model"]["init_args"][key] for key in pixel["model"]["init_args"]
+    }
+    epochs = latent["trainer"]["max_epochs"] - pixel["trainer"]["max_epochs"]
+    assert epochs == 10 == latent["trainer"]["check_val_every_n_epoch"] - pixel["trainer"]["check_val_every_n_epoch"]
