@@ -155,8 +155,10 @@ def test_build_unet_layout_and_errors() -> None:
     assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "AttnDownBlock2D"]
     out = unet(torch.randn(2, 3, 16, 16), torch.tensor([1, 2])).sample
     assert out.shape == (2, 3, 16, 16)
-    with pytest.raises(ValueError, match="divisible by norm_num_groups"):
+    with pytest.raises(ValueError, match="positive multiple of norm_num_groups=32"):
         build_unet(block_out_channels=(12, 24))
+    with pytest.raises(ValueError, match="at least one level"):
+        build_unet(block_out_channels=())
     with pytest.raises(ValueError, match="attention_levels"):
         build_unet(block_out_channels=(32, 32), attention_levels=(5,))
 

@@ -11,6 +11,8 @@ from anomalib.models import Padim
 from conftest import TINY_DIAD, TINY_RAN
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
+from test_d3ad import AutoencoderPhases, fit_with
+from test_reliability import sample_images
 
 from anomalib_dpnr import DiAD, Ran
 from anomalib_dpnr.components.weights import MissingWeightsError
@@ -197,6 +199,8 @@ def test_weights_load_from_a_local_folder_and_a_missing_one_is_named(tmp_path: P
     assert half.codec.encode(images(1)).dtype == torch.float32 and half.codec.decode(torch.zeros(1, 4, 32, 32)).dtype == torch.float32
     with pytest.raises(ValueError, match="vae_dtype must be one of"):
         DiADModel(**{**MODEL_ARGS, "vae_dtype": "half"})
+    with pytest.raises(ValueError, match=r"attention_levels \[7\] must index block_out_channels"):
+        DiADModel(**{**MODEL_ARGS, "attention_levels": [7]})
     with pytest.raises(MissingWeightsError, match=r"denoiser folder not found: .*nowhere"):
         DiADModel(**{**MODEL_ARGS, "unet_path": str(tmp_path / "nowhere")})
     with pytest.raises(MissingWeightsError, match=r"could not load the UNet2DConditionModel .*unet_path to null"):
@@ -253,3 +257,45 @@ def test_multi_class_datamodule_yields_per_category_metrics(model: str, two_cate
         for metric in ("image_AUROC", "pixel_AUROC"):
             assert 0 <= metrics[f"{category}/{metric}"] <= 1, metrics
     assert metrics["woven/image_AUROC"] != metrics["other/image_AUROC"] or metrics["woven/pixel_AUROC"] != metrics["other/pixel_AUROC"]
+
+
+def test_fit_trains_the_autoencoder_first_then_diffuses_in_its_latent(tiny_dataset: Path, tmp_path: Path) -> None:
+    """``autoencoder_channels``: epoch 0 trains the autoencoder, then it is frozen and the denoiser trains in its
+    latent (16 x 16 for 64 px); encoder and decoder both shape the map; the checkpoint reloads it exactly."""
+    latent = {"autoencoder_channels": [8, 8, 8], "autoencoder_epochs": 1, "hint_channels": [8, 8, 8]}
+    module = DiAD(**{**TINY_DIAD, **latent}, seed=0)
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    phases = AutoencoderPhases()
+    fit_with(phases, module, tmp_path, 2, tiny_dataset)
+    assert phases.phase == {0: {"autoencoder"}, 1: {"denoiser"}}
+    logged = {name.removesuffix("_epoch").removesuffix("_step") for name in module.trainer.callback_metrics}
+    assert {"train_loss", "train_autoencoder_l1", "train_autoencoder_kl", "latent_scale"} <= logged
+    state = module.model.state_dict()
+    changed = lambda prefix: any(not torch.equal(v, initial[k]) for k, v in state.items() if k.startswith(prefix))  # noqa: E731
+    assert changed("codec.vae.") and changed("denoiser.") and changed("sg.")
+    codec = module.model.codec
+    assert all(torch.equal(v, phases.after_autoencoder[k]) for k, v in codec.vae.state_dict().items())
+    assert float(codec.scale) != 1.0 and module.model.denoiser.config.in_channels == 4
+    module.eval()
+    batch = sample_images(tiny_dataset)
+    assert codec.encode(batch).shape[-2:] == (16, 16)
+    (checkpoint,) = tmp_path.glob("**/weights/lightning/model.ckpt")
+    reloaded = DiAD.load_from_checkpoint(checkpoint).eval()
+    with torch.no_grad():
+        before = module(batch).anomaly_map
+        assert torch.equal(before, reloaded(batch).anomaly_map)
+        next(iter(codec.vae.decoder.parameters())).mul_(1.5)
+        after_decoder = module(batch).anomaly_map
+        next(iter(codec.vae.encoder.parameters())).mul_(1.5)
+        after_encoder = module(batch).anomaly_map
+    assert not torch.allclose(before, after_decoder) and not torch.allclose(after_decoder, after_encoder)
+
+
+def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs both autoencoder_channels and autoencoder_epochs"):
+        DiAD(**TINY_DIAD, autoencoder_channels=[8, 8])
+    with pytest.raises(ValueError, match="the autoencoder trained here stays float32"):
+        DiAD(**TINY_DIAD, autoencoder_channels=[8, 8], autoencoder_epochs=1, vae_dtype="bfloat16")
+    module = DiAD(**{**TINY_DIAD, "hint_channels": [8, 8]}, autoencoder_channels=[8, 8], autoencoder_epochs=1)
+    with pytest.raises(ValueError, match="DiAD: max_epochs=1 leaves no epoch for the denoiser besides autoencoder_epochs=1; raise max_epochs$"):
+        fit_with(AutoencoderPhases(), module, tmp_path, 1, tiny_dataset)

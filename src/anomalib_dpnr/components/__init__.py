@@ -13,7 +13,7 @@ from .processing import (
     topk_mean,
 )
 from .synthetic import SyntheticAnomalyGenerator, estimate_foreground, self_augment
-from .unet import Denoiser, build_unet, parse_inference_dtype, unet_downsampling_factor
+from .unet import Denoiser, build_unet, check_widths, parse_inference_dtype, unet_downsampling_factor
 from .validation import check_images
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "NoiseSchedule",
     "SyntheticAnomalyGenerator",
     "build_unet",
+    "check_widths",
     "check_images",
     "ddim_loop",
     "diffusion_evaluator",

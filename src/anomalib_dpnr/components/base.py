@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning_utilities.core.imports import module_available
 from torch import nn
@@ -231,6 +232,66 @@ class DiffusionAnomalyModule(AnomalibModule):
         names = {name: f"{phase}_{name}" if phase and name != "loss" else name for name in losses}
         self.log_dict({f"train_{names[name]}": value for name, value in losses.items()}, prog_bar=True, on_epoch=True, batch_size=batch_size)
         return losses["loss"]
+
+    # --- a latent autoencoder trained first (``LatentCodec`` with ``autoencoder_channels``) --------------------------
+    autoencoder_epochs: int = 0
+
+    def configure_autoencoder_phase(
+        self, channels: Sequence[int] | None, epochs: int, learning_rate: float, kl_weight: float, scale_images: int | None = None
+    ) -> None:
+        """Train ``self.model.codec``'s autoencoder (built from ``channels``) in the first ``epochs`` epochs (L1 +
+        ``kl_weight`` x KL, AdamW at ``learning_rate``); at the next epoch fit its latent scale on (the first
+        ``scale_images``) training images, after which it stays frozen and the denoiser trains in its latent."""
+        if bool(channels) != (epochs > 0) or epochs < 0:
+            msg = (
+                f"a trained autoencoder needs both autoencoder_channels and autoencoder_epochs >= 1 (got {channels} "
+                f"and {epochs}); set neither for pixel space or a pretrained vae_path"
+            )
+            raise ValueError(msg)
+        self.autoencoder_epochs = epochs
+        self.autoencoder_learning_rate = learning_rate
+        self.autoencoder_kl_weight = kl_weight
+        self.latent_scale_images = scale_images
+
+    @property
+    def training_autoencoder(self) -> bool:
+        """Whether this epoch trains the latent autoencoder (the first ``autoencoder_epochs``)."""
+        return self._trainer is not None and self.trainer.current_epoch < self.autoencoder_epochs
+
+    def check_denoiser_epochs(self, later: dict[str, int] | None = None, hint: str = "") -> None:
+        """At ``setup("fit")``: ``max_epochs`` must leave the denoiser an epoch besides ``autoencoder_epochs`` and
+        the ``later`` phases' epochs (name -> epochs); a run bounded by steps only gets a warning."""
+        reserved = {"autoencoder_epochs": self.autoencoder_epochs, **(later or {})}
+        reserved = {name: epochs for name, epochs in reserved.items() if epochs}
+        if not reserved:
+            return
+        name, max_epochs = type(self).__name__, self.trainer.max_epochs
+        if max_epochs is None or max_epochs < 0:
+            rank_zero_warn(f"{name}: training is bounded by steps, not epochs: the phases set by {', '.join(reserved)} may not all run")
+        elif max_epochs <= sum(reserved.values()):
+            phases = " and ".join(f"{key}={value}" for key, value in reserved.items())
+            msg = f"{name}: max_epochs={max_epochs} leaves no epoch for the denoiser besides {phases}; raise max_epochs{hint}"
+            raise ValueError(msg)
+
+    def on_train_epoch_start(self) -> None:
+        """At the first epoch after the autoencoder's: fit its latent scale on the training images."""
+        super().on_train_epoch_start()
+        if self.autoencoder_epochs and self.trainer.current_epoch == self.autoencoder_epochs:
+            data = self.fitting_data("the latent scale")
+            scale = self.model.codec.fit_scale(self.training_images(data, self.latent_scale_images))
+            self.log("latent_scale", scale)
+
+    def autoencoder_step(self, images: torch.Tensor) -> torch.Tensor:
+        """The autoencoder epochs' training step: its reconstruction loss, logged as ``train_autoencoder_*``."""
+        losses = self.model.codec.reconstruction_loss(images, self.autoencoder_kl_weight)
+        return self.log_losses(losses, images.shape[0], "autoencoder")
+
+    def autoencoder_parameters(self) -> list[dict[str, Any]]:
+        """The trained autoencoder's AdamW parameter group (none for pixel space or a pretrained VAE); its loss
+        reaches it in its own epochs only, and AdamW skips parameters without gradient."""
+        if not self.model.codec.trainable:
+            return []
+        return [{"params": list(self.model.codec.vae.parameters()), "lr": self.autoencoder_learning_rate}]
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .unet import check_widths
 from .weights import load_diffusers_model
 
 __all__ = ["LatentCodec", "build_autoencoder"]
@@ -124,14 +125,14 @@ def build_autoencoder(channels: Sequence[int], latent_channels: int = 4, norm_nu
     mid-block attention), downsampling by ``2 ** (len(channels) - 1)``."""
     from diffusers import AutoencoderKL
 
-    channels = [int(c) for c in channels]
-    if any(c < 1 or c % norm_num_groups for c in channels) or latent_channels < 1:
-        msg = f"autoencoder_channels {channels} must be positive multiples of norm_num_groups={norm_num_groups}, latent_channels >= 1 (got {latent_channels})"
+    channels = check_widths(channels, norm_num_groups, name="autoencoder_channels")
+    if latent_channels < 1:
+        msg = f"latent_channels must be >= 1 (got {latent_channels})"
         raise ValueError(msg)
     return AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=tuple(channels),
+        block_out_channels=channels,
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=norm_num_groups,

@@ -60,6 +60,21 @@ class Denoiser(UNet2DModel):
             return super().forward(sample, timestep, *args, **kwargs)
 
 
+def check_widths(
+    widths: Sequence[int], norm_num_groups: int, attention_levels: Sequence[int] = (), name: str = "block_out_channels"
+) -> tuple[int, ...]:
+    """Level widths as ints, or a ``ValueError``: at least one level, each a positive multiple of
+    ``norm_num_groups`` (GroupNorm), and every attention level an index into them."""
+    checked = tuple(int(c) for c in widths)
+    if not checked or any(c < 1 or c % norm_num_groups for c in checked):
+        msg = f"{name} {checked} must name at least one level, each a positive multiple of norm_num_groups={norm_num_groups}"
+        raise ValueError(msg)
+    if not set(attention_levels) <= set(range(len(checked))):
+        msg = f"attention_levels {sorted(set(attention_levels))} must index {name} (0..{len(checked) - 1})"
+        raise ValueError(msg)
+    return checked
+
+
 def build_unet(
     in_channels: int = 3,
     out_channels: int = 3,
@@ -85,17 +100,8 @@ def build_unet(
         norm_num_groups: GroupNorm groups; must divide every entry of ``block_out_channels``.
         dropout: Dropout in the ResNet blocks.
     """
-    widths = tuple(int(c) for c in block_out_channels)
-    if not widths:
-        msg = "block_out_channels must name at least one level"
-        raise ValueError(msg)
-    if any(c % norm_num_groups for c in widths):
-        msg = f"every block_out_channels entry {widths} must be divisible by norm_num_groups={norm_num_groups}"
-        raise ValueError(msg)
+    widths = check_widths(block_out_channels, norm_num_groups, attention_levels)
     levels = set(attention_levels)
-    if not levels <= set(range(len(widths))):
-        msg = f"attention_levels {sorted(levels)} must index block_out_channels (0..{len(widths) - 1})"
-        raise ValueError(msg)
     down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(len(widths)))
     up = tuple("AttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(widths))))
     return Denoiser(

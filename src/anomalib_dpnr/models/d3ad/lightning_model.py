@@ -16,7 +16,6 @@ from anomalib.metrics import Evaluator
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.utils.data import Dataset
 
@@ -178,16 +177,13 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         if domain_adaptation and domain_adaptation_epochs < 1:
             msg = f"domain_adaptation needs domain_adaptation_epochs >= 1, got {domain_adaptation_epochs} (or set domain_adaptation: false)"
             raise ValueError(msg)
-        if bool(autoencoder_channels) != (autoencoder_epochs > 0) or autoencoder_epochs < 0:
-            msg = (
-                f"a trained autoencoder needs both autoencoder_channels and autoencoder_epochs >= 1 (got {autoencoder_channels} "
-                f"and {autoencoder_epochs}); set neither for pixel space or a pretrained vae_path"
-            )
-            raise ValueError(msg)
         self.statistics_images = check_statistics_images(statistics_images)
         if positional_statistics and not normalise_maps:
             msg = "positional_statistics reads the map-normalisation statistics: it needs normalise_maps true"
             raise ValueError(msg)
+        self.configure_autoencoder_phase(
+            autoencoder_channels, autoencoder_epochs, autoencoder_learning_rate, autoencoder_kl_weight, statistics_images
+        )
         self.model = D3ADModel(
             image_size=image_size,
             vae_path=vae_path,
@@ -234,9 +230,6 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         self.loss = DenoisingLoss()
         self.adaptation_loss = DomainAdaptationLoss(frozen_weight)
         self.domain_adaptation_epochs = domain_adaptation_epochs if domain_adaptation else 0
-        self.autoencoder_epochs = autoencoder_epochs
-        self.autoencoder_learning_rate = autoencoder_learning_rate
-        self.autoencoder_kl_weight = autoencoder_kl_weight
         self.adaptation_learning_rate = adaptation_learning_rate
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -257,19 +250,8 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         super().setup(stage)
         if stage != "fit":
             return
-        max_epochs = self.trainer.max_epochs
-        if self.domain_adaptation_epochs and (max_epochs is None or max_epochs < 0):
-            rank_zero_warn("D3AD: training is bounded by steps, not epochs, so the domain adaptation phase never starts")
-        elif self.autoencoder_epochs and (max_epochs is None or max_epochs < 0):
-            rank_zero_warn("D3AD: training is bounded by steps, not epochs: the autoencoder trains for autoencoder_epochs, then the denoiser")
-        reserved = self.autoencoder_epochs + self.domain_adaptation_epochs
-        if reserved and max_epochs is not None and 0 <= max_epochs <= reserved:
-            msg = (
-                f"D3AD: max_epochs={max_epochs} leaves no epoch for the denoiser besides autoencoder_epochs="
-                f"{self.autoencoder_epochs} and domain_adaptation_epochs={self.domain_adaptation_epochs}; raise max_epochs"
-                + (" or set domain_adaptation: false" if self.domain_adaptation_epochs else "")
-            )
-            raise ValueError(msg)
+        hint = " or set domain_adaptation: false" if self.domain_adaptation_epochs else ""
+        self.check_denoiser_epochs({"domain_adaptation_epochs": self.domain_adaptation_epochs}, hint)
         if self.model.needs_bank:
             self.build_bank(self.fitting_data("the kNN feature bank"))
 
@@ -282,26 +264,13 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         max_epochs = self.trainer.max_epochs
         return max_epochs is not None and max_epochs >= 0 and self.trainer.current_epoch >= max_epochs - self.domain_adaptation_epochs
 
-    @property
-    def training_autoencoder(self) -> bool:
-        """Whether this epoch trains the latent autoencoder (the first ``autoencoder_epochs``)."""
-        return self._trainer is not None and self.trainer.current_epoch < self.autoencoder_epochs
-
-    def on_train_epoch_start(self) -> None:
-        """At the first denoiser epoch after the autoencoder's: fit its latent scale on the training images."""
-        super().on_train_epoch_start()
-        if self.autoencoder_epochs and self.trainer.current_epoch == self.autoencoder_epochs:
-            data = self.fitting_data("the latent scale")
-            scale = self.model.codec.fit_scale(self.training_images(data, self.statistics_images))
-            self.log("latent_scale", scale)
-
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Autoencoder epochs: L1 + KL. Denoiser epochs: DDPM loss. Adaptation epochs: feature consistency of the
         backbone copy."""
         del args, kwargs
         if self.training_autoencoder:
-            phase, losses = "autoencoder", self.model.codec.reconstruction_loss(batch.image, self.autoencoder_kl_weight)
-        elif self.adapting:
+            return self.autoencoder_step(batch.image)
+        if self.adapting:
             phase, losses = "adaptation", self.adaptation_loss(*self.model.adaptation_features(batch.image))
         else:
             output = self.model(batch.image)
@@ -313,8 +282,7 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         loss reaches only its own group (AdamW skips parameters without gradient). Backbone, pretrained VAE and bank
         stay frozen."""
         groups = [{"params": list(self.model.denoiser.parameters()), "lr": self.learning_rate}]
-        if self.model.codec.trainable:
-            groups.append({"params": list(self.model.codec.vae.parameters()), "lr": self.autoencoder_learning_rate})
+        groups += self.autoencoder_parameters()
         if self.model.adapted is not None:
             groups.append({"params": list(self.model.adapted.parameters()), "lr": self.adaptation_learning_rate})
         return torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)

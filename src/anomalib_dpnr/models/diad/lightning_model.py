@@ -31,8 +31,17 @@ class DiAD(DiffusionAnomalyModule):
     Args:
         image_size: Side (or ``(H, W)``) images are resized to (paper: 256).
         vae_path: Local/offline-cached diffusers ``AutoencoderKL`` (paper: SD's kl-f8, 256 px -> 32x32x4);
-            ``None`` = pixel space.
-        latent_scale: Latent scaling; default: the VAE's scaling factor (1 in pixel space).
+            ``None`` = pixel space (or ``autoencoder_channels``).
+        latent_scale: Latent scaling; default: the VAE's scaling factor (1 in pixel space; fitted as 1 / std of the
+            training latents for a trained autoencoder).
+        autoencoder_channels: Instead of a pretrained VAE, a small ``AutoencoderKL`` of these widths (each level but
+            the last halving the resolution), trained on the training images in the first ``autoencoder_epochs``
+            epochs, then frozen (``components.LatentCodec``; the paper fine-tunes SD's VAE on the dataset instead);
+            ``None``: none.
+        latent_channels: Latent channels of that autoencoder (Stable Diffusion's: 4).
+        autoencoder_epochs: First epochs of ``max_epochs`` spent training it (needs ``autoencoder_channels``).
+        autoencoder_learning_rate: Its AdamW learning rate.
+        autoencoder_kl_weight: Weight of its KL term against the L1 reconstruction (latent diffusion's KL-f: 1e-6).
         vae_dtype: Precision of the frozen VAE (``float16``/``bfloat16`` halve its memory; ``None`` keeps float32).
         unet_path: Local/offline-cached diffusers ``UNet2DConditionModel`` (paper: Stable Diffusion 1.5's denoiser);
             ``None`` builds one from the architecture arguments below, randomly initialised.
@@ -79,6 +88,11 @@ class DiAD(DiffusionAnomalyModule):
         image_size: int | tuple[int, int] = 256,
         vae_path: str | None = None,
         latent_scale: float | None = None,
+        autoencoder_channels: Sequence[int] | None = None,
+        latent_channels: int = 4,
+        autoencoder_epochs: int = 0,
+        autoencoder_learning_rate: float = 1e-3,
+        autoencoder_kl_weight: float = 1e-6,
         vae_dtype: str | None = None,
         unet_path: str | None = None,
         unet_subfolder: str | None = None,
@@ -125,9 +139,12 @@ class DiAD(DiffusionAnomalyModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        self.configure_autoencoder_phase(autoencoder_channels, autoencoder_epochs, autoencoder_learning_rate, autoencoder_kl_weight)
         self.model = DiADModel(
             vae_path=vae_path,
             latent_scale=latent_scale,
+            autoencoder_channels=autoencoder_channels,
+            latent_channels=latent_channels,
             vae_dtype=vae_dtype,
             unet_path=unet_path,
             unet_subfolder=unet_subfolder,
@@ -163,12 +180,22 @@ class DiAD(DiffusionAnomalyModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
 
+    def setup(self, stage: str | None = None) -> None:
+        """Check ``max_epochs`` leaves the denoiser an epoch after a trained autoencoder's."""
+        super().setup(stage)
+        if stage == "fit":
+            self.check_denoiser_epochs()
+
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Noise-prediction loss of the SG-guided denoiser (Eq. 6)."""
+        """Noise-prediction loss of the SG-guided denoiser (Eq. 6); L1 + KL in a trained autoencoder's epochs."""
         del args, kwargs
+        if self.training_autoencoder:
+            return self.autoencoder_step(batch.image)
         output = self.model(batch.image)
         return self.log_losses(self.loss(output.noise, output.predicted), batch.image.shape[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the SG network and the denoiser's decoder and output layers (``trainable_parameters``)."""
-        return torch.optim.AdamW(list(self.model.trainable_parameters()), lr=self.learning_rate, weight_decay=self.weight_decay)
+        """AdamW over the SG network and the denoiser's decoder and output layers (``trainable_parameters``), and a
+        trained autoencoder as its own parameter group."""
+        groups = [{"params": list(self.model.trainable_parameters()), "lr": self.learning_rate}, *self.autoencoder_parameters()]
+        return torch.optim.AdamW(groups, lr=self.learning_rate, weight_decay=self.weight_decay)

@@ -1,7 +1,7 @@
 """DiAD torch model (He et al., "A Diffusion-Based Framework for Multi-Class Anomaly Detection", AAAI 2024).
 
-Three parts (Fig. 2): a pixel-space autoencoder ``{E, D}`` (``LatentCodec``: a frozen diffusers ``AutoencoderKL``, or
-pixel space), a latent-space denoiser (diffusers ``UNet2DConditionModel`` conditioned on a stored, fixed empty-prompt
+Three parts (Fig. 2): a pixel-space autoencoder ``{E, D}`` (``LatentCodec``: a frozen diffusers ``AutoencoderKL``, a small
+one trained on the training images first, or pixel space), a latent-space denoiser (diffusers ``UNet2DConditionModel`` conditioned on a stored, fixed empty-prompt
 embedding) guided by the Semantic-Guided network with its SFF block (``semantic_guided.py``, ``feature_fusion.py``),
 and a feature-space pretrained backbone ``Psi`` for the anomaly map.
 
@@ -22,7 +22,7 @@ from anomalib.data import InferenceBatch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from anomalib_dpnr.components import AnomalyScorer, NoiseSchedule, check_images, ddim_loop, gaussian_noise
+from anomalib_dpnr.components import AnomalyScorer, NoiseSchedule, check_images, check_widths, ddim_loop, gaussian_noise
 from anomalib_dpnr.components.features import FeatureEmbedder, feature_distance_map
 from anomalib_dpnr.components.latent import LatentCodec
 from anomalib_dpnr.components.weights import MissingWeightsError, load_diffusers_model
@@ -57,14 +57,8 @@ def build_denoiser(
     Levels in ``attention_levels`` get cross-attention blocks (SD 1.5: the first three of four); the middle block
     always has one.
     """
-    widths = tuple(int(c) for c in block_out_channels)
+    widths = check_widths(block_out_channels, norm_num_groups, attention_levels)
     levels = set(attention_levels)
-    if not widths or not levels <= set(range(len(widths))) or any(c % norm_num_groups for c in widths):
-        msg = (
-            f"need block_out_channels divisible by norm_num_groups={norm_num_groups} and attention_levels indexing them, "
-            f"got block_out_channels={widths}, attention_levels={sorted(levels)}"
-        )
-        raise ValueError(msg)
     down = tuple("CrossAttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(len(widths)))
     up = tuple("CrossAttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(len(widths))))
     return UNet2DConditionModel(
@@ -111,6 +105,8 @@ class DiADModel(nn.Module):
         self,
         vae_path: str | Path | None = None,
         latent_scale: float | None = None,
+        autoencoder_channels: Sequence[int] | None = None,
+        latent_channels: int = 4,
         vae_dtype: str | None = None,
         unet_path: str | Path | None = None,
         unet_subfolder: str | None = None,
@@ -152,7 +148,10 @@ class DiADModel(nn.Module):
         if guidance_scale is not None and not semantic_guided:
             msg = "guidance_scale contrasts SG-guided with unguided noise predictions: it needs semantic_guided=True"
             raise ValueError(msg)
-        self.codec = LatentCodec(vae_path, latent_scale)
+        self.codec = LatentCodec(vae_path, latent_scale, autoencoder_channels, latent_channels, norm_num_groups)
+        if self.codec.trainable and VAE_DTYPES[vae_dtype] is not None:
+            msg = f"vae_dtype={vae_dtype!r} lowers a pretrained, frozen VAE's precision; the autoencoder trained here stays float32 (set vae_dtype: null)"
+            raise ValueError(msg)
         if self.codec.vae is not None and VAE_DTYPES[vae_dtype] is not None:
             self.codec.vae.to(VAE_DTYPES[vae_dtype])  # frozen: half precision is safe (cast in and out)
         self.schedule = NoiseSchedule(num_timesteps, beta_schedule, beta_start, beta_end)
@@ -203,7 +202,8 @@ class DiADModel(nn.Module):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What DiAD trains: the SG network (with SFF) and the denoiser's decoder and output layers (and its
-        encoder with ``train_encoder``); the VAE and the backbone stay frozen."""
+        encoder with ``train_encoder``); the VAE and the backbone stay frozen (a trained autoencoder trains in its own
+        epochs: ``DiffusionAnomalyModule.autoencoder_parameters``)."""
         modules = [self.denoiser] if self.sg is None else [self.denoiser, self.sg]
         return (p for module in modules for p in module.parameters() if p.requires_grad)
 
