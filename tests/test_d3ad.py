@@ -402,6 +402,18 @@ def test_fit_trains_the_autoencoder_first_then_diffuses_in_its_latent(tiny_datas
         next(iter(codec.vae.encoder.parameters())).mul_(1.5)  # the encoder shapes the latent
         after_encoder = module(batch).anomaly_map
     assert not torch.allclose(before.anomaly_map, after_decoder) and not torch.allclose(after_decoder, after_encoder)
+    fast = D3AD.load_from_checkpoint(checkpoint, inference_dtype="bfloat16").eval()  # encoder and decoder in bfloat16
+    dtypes: list[torch.dtype] = []
+    for conv in (fast.model.codec.vae.encoder.conv_in, fast.model.codec.vae.decoder.conv_out):
+        conv.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    with torch.no_grad():
+        got = fast(batch).anomaly_map
+    assert dtypes == [torch.bfloat16] * 2 and got.dtype == torch.float32
+    assert (got - again.anomaly_map).abs().max() <= 0.1 * again.anomaly_map.abs().max()
+    dtypes.clear()
+    fast.model.codec.train()
+    fast.model.codec.encode(batch)
+    assert dtypes == [torch.float32]  # training is unaffected
 
 
 def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path: Path) -> None:

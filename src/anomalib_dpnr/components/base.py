@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_checkpoint_file, check_checkpoint_model
 from .distributed import sync_fitted_state
+from .latent import LatentCodec
 from .processing import diffusion_evaluator, diffusion_pre_processor
 from .unet import Denoiser, parse_inference_dtype
 from .validation import as_rgb, check_image_size, check_images
@@ -113,13 +114,14 @@ class DiffusionAnomalyModule(AnomalibModule):
             raise ValueError(msg)
 
     def set_inference_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run every ``Denoiser`` of the model under autocast to ``dtype`` at inference (``None``: float32)."""
-        denoisers = [module for module in self.model.modules() if isinstance(module, Denoiser)]
-        if dtype is not None and not denoisers:
+        """Run every ``Denoiser`` of the model, and the VAE of its ``LatentCodec``, under autocast to ``dtype`` at
+        inference (``None``: float32)."""
+        networks = [m for m in self.model.modules() if isinstance(m, Denoiser) or (isinstance(m, LatentCodec) and m.vae is not None)]
+        if dtype is not None and not any(isinstance(m, Denoiser) for m in networks):
             msg = f"{type(self).__name__} has no denoiser that can run in a lower precision; use inference_dtype float32"
             raise ValueError(msg)
-        for denoiser in denoisers:
-            denoiser.autocast_dtype = dtype
+        for network in networks:
+            network.autocast_dtype = dtype
 
     def configure_model(self) -> None:
         """Under DDP, after ``setup`` fitted data-dependent state on each rank: check the ranks agree, use rank 0's."""

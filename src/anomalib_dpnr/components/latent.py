@@ -36,7 +36,12 @@ class LatentCodec(nn.Module):
             but the last halving the resolution: ``(32, 64, 128)`` maps 128 px to 32 x 32); ``None``: none.
         latent_channels: Latent channels of that autoencoder.
         norm_num_groups: Its GroupNorm groups; must divide every width.
+
+    ``autocast_dtype`` (not saved; ``None`` = float32) runs the VAE's encoder and decoder under autocast in eval mode
+    (``inference_dtype``, as ``Denoiser``); latents and images come back in the input's dtype.
     """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -106,18 +111,27 @@ class LatentCodec(nn.Module):
             self.scale.fill_(1 / latents.std().item())
         return float(self.scale)
 
+    def _autocast(self, tensor: torch.Tensor) -> torch.autocast:
+        """The inference autocast (a no-op in training and for float32)."""
+        enabled = self.autocast_dtype is not None and not self.training
+        return torch.autocast(tensor.device.type, dtype=self.autocast_dtype, enabled=enabled)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """``z = c_scale * E(x)`` using the posterior mean (deterministic)."""
         if self.vae is None:
             return images * self.scale
-        return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.to(images.dtype) * self.scale
+        with self._autocast(images):
+            latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean
+        return latents.to(images.dtype) * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents back to ``[-1, 1]`` images."""
         if self.vae is None:
             return latents / self.scale
-        return self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample.to(latents.dtype)
+        with self._autocast(latents):
+            images = self.vae.decode((latents / self.scale).to(self.vae.dtype)).sample
+        return images.to(latents.dtype)
 
 
 def build_autoencoder(channels: Sequence[int], latent_channels: int = 4, norm_num_groups: int = 32) -> nn.Module:
