@@ -101,8 +101,9 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         inference_seed: Seed of the fixed inference noise (``add_noise`` only).
         learning_rate: AdamW learning rate of the denoiser (reference: 1e-4).
         weight_decay: AdamW weight decay (torch's default, as the reference's AdamW).
-        inference_dtype: Precision of the denoiser at inference: ``"float32"``, ``"bfloat16"`` (about half the
-            CPU time on CPUs with AVX512-BF16/AMX) or ``"float16"`` (CUDA). Training is unaffected.
+        inference_dtype: Precision of the denoiser and the latent autoencoder at inference: ``"float32"``,
+            ``"bfloat16"`` (about half the CPU time on CPUs with AVX512-BF16/AMX) or ``"float16"`` (CUDA). Training
+            is unaffected.
         seed: ``lightning.seed_everything(seed)`` before the networks are built (``None``: unseeded).
     """
 

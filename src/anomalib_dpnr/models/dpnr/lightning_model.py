@@ -108,8 +108,9 @@ class Dpnr(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         foreground_threshold: Colour distance to the border colour that counts as foreground.
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        inference_dtype: Precision of the denoiser at inference: ``"float32"``, ``"bfloat16"`` (about half the
-            CPU time on CPUs with AVX512-BF16/AMX) or ``"float16"`` (CUDA). Training is unaffected.
+        inference_dtype: Precision of the denoiser and the latent autoencoder at inference: ``"float32"``,
+            ``"bfloat16"`` (about half the CPU time on CPUs with AVX512-BF16/AMX) or ``"float16"`` (CUDA). Training
+            is unaffected.
         seed: ``lightning.seed_everything(seed)`` before the networks are built: weights, synthetic
             anomalies and data order repeat exactly (``None``: unseeded; the CLI's ``seed_everything`` is not applied).
     """
