@@ -33,7 +33,7 @@ DEMO_MODELS = ["d3ad", "diad", "diffusion_ad", "dpnr", "ran"]  # whose CPU confi
 
 # One epoch, no loader workers: what every model gets at toy scale.
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
-# Toy scale of the diffusion CPU configs (64 px, tiny networks, one epoch): the same code path, in seconds.
+# Toy scale of the diffusion CPU configs (64 px, tiny networks, one epoch per phase): the same code path, in seconds.
 QUICK_ARGS = [
     "--model.image_size", "64", "--model.block_out_channels", "[16, 32, 32, 32]",
     "--model.attention_head_dim", "16", "--model.norm_num_groups", "8", *QUICK_TRAINER_ARGS,
@@ -41,7 +41,10 @@ QUICK_ARGS = [
 # What each model adds at toy scale (random-init backbones: nothing is loaded).
 QUICK_MODEL_ARGS = {
     "D3AD": ["--model.pre_trained", "false", "--model.knn_k", "3", "--model.knn_pool_size", "4", "--model.ddim_steps", "2",
-             "--model.domain_adaptation", "false", "--model.statistics_images", "8"],
+             "--model.domain_adaptation", "false", "--model.statistics_images", "8",
+             # the CPU config's trained latent space, tiny: one autoencoder epoch, then one denoiser epoch
+             "--model.autoencoder_channels", "[8, 16]", "--model.autoencoder_epochs", "1", "--trainer.max_epochs", "2",
+             "--trainer.check_val_every_n_epoch", "2"],
     "DiAD": ["--model.pre_trained", "false", "--model.layers_per_block", "1", "--model.cross_attention_dim", "16",
              "--model.context_tokens", "2", "--model.hint_channels", "[8]", "--model.ddim_steps", "2"],
     "DiffusionAD": ["--model.segmentation_width", "8"],
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", choices=DEMO_MODELS, default="dpnr", help="whose CPU config (configs/<model>/cpu.yaml) to run")
     demo.add_argument("--output", default="demo_output", help="folder for generated data and results")
     demo.add_argument("--generated", action="store_true", help="use the generated dataset even if shared data exists")
-    demo.add_argument("--quick", action="store_true", help="toy scale (tiny model, one epoch), for tests")
+    demo.add_argument("--quick", action="store_true", help="toy scale (tiny networks, one epoch per training phase), for tests")
     demo.add_argument("--max-epochs", type=int, default=None, help="override the config's epochs")
     weights = sub.add_parser("weights", help="install ImageNet backbone weights offline")
     weights.add_argument("action", choices=["install"])
