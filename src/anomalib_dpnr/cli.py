@@ -31,7 +31,7 @@ __all__ = [
 CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, in an editable install
 DEMO_MODELS = ["d3ad", "diad", "diffusion_ad", "dpnr", "ran"]  # whose CPU config the demo runs
 
-# One epoch, no loader workers: what every model gets at toy scale.
+# One epoch, no loader workers: what every model gets at toy scale (QUICK_MODEL_ARGS adds one per extra training phase).
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
 # Toy scale of the diffusion CPU configs (64 px, tiny networks, one epoch per phase): the same code path, in seconds.
 QUICK_ARGS = [
