@@ -299,3 +299,37 @@ def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path:
     module = DiAD(**{**TINY_DIAD, "hint_channels": [8, 8]}, autoencoder_channels=[8, 8], autoencoder_epochs=1)
     with pytest.raises(ValueError, match="DiAD: max_epochs=1 leaves no epoch for the denoiser besides autoencoder_epochs=1; raise max_epochs$"):
         fit_with(AutoencoderPhases(), module, tmp_path, 1, tiny_dataset)
+
+
+# --- configurations ---------------------------------------------------------------------------------------------
+def diad_config(name: str) -> dict:
+    """``configs/diad/<name>.yaml`` as a dict."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "diad" / f"{name}.yaml").read_text())
+
+
+@pytest.mark.parametrize("config", ["cpu", "pixel_cpu", "multi_class_cpu"])
+def test_cpu_configs_build(config: str) -> None:
+    module = DiAD(**{**diad_config(config)["model"]["init_args"], "pre_trained": False})
+    latent = module.model.codec.vae is not None
+    assert latent == (config == "cpu") and module.autoencoder_epochs == (10 if latent else 0)
+    grid = module.model.codec.encode(torch.zeros(1, 3, 128, 128)).shape[-2:]
+    assert grid == ((32, 32) if latent else (128, 128))
+
+
+def test_cpu_config_is_pixel_cpu_with_a_trained_autoencoder() -> None:
+    """The shipped CPU config diffuses in a trained autoencoder's latent: the pixel config plus the autoencoder,
+    its 10 epochs before the same 24 denoiser epochs, and a hint encoder that reaches the 32x32 latent grid."""
+    latent, pixel = diad_config("cpu"), diad_config("pixel_cpu")
+    args, pixel_args = latent["model"]["init_args"], pixel["model"]["init_args"]
+    added = {key: value for key, value in args.items() if key not in pixel_args}
+    assert added.pop("autoencoder_channels") == [32, 64, 128] and added.pop("autoencoder_epochs") == 10
+    assert set(added) == {"latent_channels", "autoencoder_learning_rate", "autoencoder_kl_weight"}
+    assert (pixel_args["hint_channels"], args["hint_channels"]) == ([16], [16, 32, 64])
+    assert {key: value for key, value in pixel_args.items() if key != "hint_channels"} == {
+        key: args[key] for key in pixel_args if key != "hint_channels"
+    }
+    for key in ("max_epochs", "check_val_every_n_epoch"):
+        assert latent["trainer"][key] - pixel["trainer"][key] == 10
+    assert latent["data"] == pixel["data"]

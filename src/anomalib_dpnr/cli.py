@@ -24,14 +24,14 @@ from pathlib import Path
 from anomalib_dpnr.config_files import config_names, config_path, copy_config
 
 __all__ = [
-    "QUICK_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_shared_data", "install_missing_weights", "main",
-    "quick_args",
+    "QUICK_ARGS", "QUICK_AUTOENCODER_ARGS", "QUICK_MODEL_ARGS", "QUICK_TRAINER_ARGS", "find_shared_data",
+    "install_missing_weights", "main", "quick_args",
 ]  # fmt: skip
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the source checkout, in an editable install
 DEMO_MODELS = ["d3ad", "diad", "diffusion_ad", "dpnr", "ran"]  # whose CPU config the demo runs
 
-# One epoch, no loader workers: what every model gets at toy scale (QUICK_MODEL_ARGS adds one per extra training phase).
+# One epoch, no loader workers: what every model gets at toy scale (QUICK_AUTOENCODER_ARGS adds an autoencoder epoch).
 QUICK_TRAINER_ARGS = ["--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1"]
 # Toy scale of the diffusion CPU configs (64 px, tiny networks, one epoch per phase): the same code path, in seconds.
 QUICK_ARGS = [
@@ -41,12 +41,9 @@ QUICK_ARGS = [
 # What each model adds at toy scale (random-init backbones: nothing is loaded).
 QUICK_MODEL_ARGS = {
     "D3AD": ["--model.pre_trained", "false", "--model.knn_k", "3", "--model.knn_pool_size", "4", "--model.ddim_steps", "2",
-             "--model.domain_adaptation", "false", "--model.statistics_images", "8",
-             # the CPU config's trained latent space, tiny: one autoencoder epoch, then one denoiser epoch
-             "--model.autoencoder_channels", "[8, 16]", "--model.autoencoder_epochs", "1", "--trainer.max_epochs", "2",
-             "--trainer.check_val_every_n_epoch", "2"],
+             "--model.domain_adaptation", "false", "--model.statistics_images", "8"],
     "DiAD": ["--model.pre_trained", "false", "--model.layers_per_block", "1", "--model.cross_attention_dim", "16",
-             "--model.context_tokens", "2", "--model.hint_channels", "[8]", "--model.ddim_steps", "2"],
+             "--model.context_tokens", "2", "--model.hint_channels", "[8, 8]", "--model.ddim_steps", "2"],
     "DiffusionAD": ["--model.segmentation_width", "8"],
     "Dpnr": ["--model.pre_trained", "false", "--model.num_prototypes", "4", "--model.repository_patch_size", "16",
              "--model.attention_dim", "16", "--model.parameterizer_width", "16"],
@@ -55,15 +52,23 @@ QUICK_MODEL_ARGS = {
     "Padim": ["--model.pre_trained", "false"],
     "Patchcore": ["--model.pre_trained", "false", "--model.coreset_sampling_ratio", "0.1"],
 }  # fmt: skip
+# A config that trains a latent autoencoder first keeps that phase, tiny: one autoencoder epoch, one denoiser epoch.
+QUICK_AUTOENCODER_ARGS = [
+    "--model.autoencoder_channels", "[8, 16]", "--model.autoencoder_epochs", "1", "--trainer.max_epochs", "2",
+    "--trainer.check_val_every_n_epoch", "2",
+]  # fmt: skip
 
 
 def quick_args(config: str | Path) -> list[str]:
-    """Toy-scale arguments for a config: ``QUICK_ARGS`` (diffusion models) or one epoch (anomalib models)."""
+    """Toy-scale arguments for a config: ``QUICK_ARGS`` (diffusion models) or one epoch (anomalib models), plus
+    ``QUICK_AUTOENCODER_ARGS`` where the config trains a latent autoencoder."""
     import yaml
 
-    class_path = yaml.safe_load(Path(config).read_text())["model"]["class_path"]
+    model = yaml.safe_load(Path(config).read_text())["model"]
+    class_path = model["class_path"]
     base = QUICK_TRAINER_ARGS if class_path.startswith("anomalib.") else QUICK_ARGS
-    return [*base, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], [])]
+    latent = QUICK_AUTOENCODER_ARGS if (model.get("init_args") or {}).get("autoencoder_channels") else []
+    return [*base, *QUICK_MODEL_ARGS.get(class_path.rsplit(".", 1)[-1], []), *latent]
 
 
 def _model_arguments(config: str | Path) -> set[str]:
