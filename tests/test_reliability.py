@@ -25,6 +25,7 @@ from anomalib.data import Folder, ImageBatch, MVTecAD
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 from conftest import MODELS, REPO
+from diffusers import UNet2DConditionModel
 from lightning.pytorch import Callback, Trainer
 from torchvision.io import read_image
 
@@ -34,6 +35,7 @@ from anomalib_dpnr.components import Denoiser
 from anomalib_dpnr.components.base import DiffusionAnomalyModule
 from anomalib_dpnr.components.checkpoints import CheckpointError
 from anomalib_dpnr.components.distributed import fitted_state
+from anomalib_dpnr.components.latent import LatentCodec
 from anomalib_dpnr.components.weights import MissingWeightsError
 
 NAMES = list(MODELS)
@@ -329,15 +331,11 @@ def test_inference_dtype_names_are_checked() -> None:
 
 def test_bfloat16_inference_runs_the_denoiser_in_bfloat16_and_keeps_maps_float32_and_close(run: Run, tiny_dataset: Path) -> None:
     cls = type(run.module)
-    if "inference_dtype" not in inspect.signature(cls).parameters:  # DiAD's conditioned denoiser: a clear error instead
-        with pytest.raises(ValueError, match="no denoiser that can run in a lower precision"):
-            run.module.set_inference_dtype(torch.bfloat16)
-        return
-    assert cls.__name__ in {"Dpnr", "DiffusionAD", "D3AD", "Ran"}
     images = run.module.pre_processor.transform(sample_images(tiny_dataset))
     module = cls.load_from_checkpoint(run.checkpoint, inference_dtype="bfloat16").eval()  # as `--model.inference_dtype`
     dtypes: list[torch.dtype] = []
-    for denoiser in (m for m in module.model.modules() if isinstance(m, Denoiser)):
+    denoisers = [m for m in module.model.modules() if isinstance(m, Denoiser | UNet2DConditionModel)]  # DiAD's: conditioned
+    for denoiser in denoisers:
         denoiser.conv_in.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     with torch.no_grad():
         expected, got = run.module.model(images), module.model(images)
@@ -346,10 +344,20 @@ def test_bfloat16_inference_runs_the_denoiser_in_bfloat16_and_keeps_maps_float32
     assert not torch.equal(got.anomaly_map, expected.anomaly_map)  # the option changes the computation ...
     assert (got.anomaly_map - expected.anomaly_map).abs().max() <= 0.1 * expected.anomaly_map.abs().max()  # ... not the result
     dtypes.clear()
-    module.model.denoiser.train()
+    module.model.train()
     with torch.no_grad():
-        module.model.denoiser(images, torch.zeros(len(images), dtype=torch.long))
-    assert dtypes == [torch.float32]  # training is unaffected
+        if isinstance(module.model.denoiser, Denoiser):
+            module.model.denoiser(images, torch.zeros(len(images), dtype=torch.long))
+        else:  # DiAD's training step: SG-guided noise prediction
+            module.model(images)
+    assert dtypes and set(dtypes) == {torch.float32}  # training is unaffected
+
+
+def test_a_model_without_a_denoiser_refuses_a_lower_inference_dtype() -> None:
+    module = build("D3AD")
+    module.model = torch.nn.Sequential(LatentCodec())  # no denoiser left, only a pixel-space codec
+    with pytest.raises(ValueError, match="no denoiser that can run in a lower precision"):
+        module.set_inference_dtype(torch.bfloat16)
 
 
 def test_exports_are_float32_whatever_the_inference_dtype(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from .checkpoints import MODEL_KEY, CheckedCheckpointIO, SaveOnInterrupt, check_
 from .distributed import sync_fitted_state
 from .latent import LatentCodec
 from .processing import diffusion_evaluator, diffusion_pre_processor
-from .unet import Denoiser, parse_inference_dtype
+from .unet import parse_inference_dtype
 from .validation import as_rgb, check_image_size, check_images
 
 __all__ = ["DiffusionAnomalyModule"]
@@ -53,7 +53,7 @@ class DiffusionAnomalyModule(AnomalibModule):
 
     Subclasses call ``super().__init__(image_size=..., seed=..., pre_processor=..., ...)`` before building
     their networks, so ``seed`` also fixes the weight initialisation. ``inference_dtype`` (``"float32"``,
-    ``"bfloat16"``, ``"float16"``) is the precision of the denoisers (``components.Denoiser``) at inference.
+    ``"bfloat16"``, ``"float16"``) is the precision of the denoisers (``components.Denoiser``, DiAD's guided passes) at inference.
     """
 
     def __init__(
@@ -114,10 +114,11 @@ class DiffusionAnomalyModule(AnomalibModule):
             raise ValueError(msg)
 
     def set_inference_dtype(self, dtype: torch.dtype | None) -> None:
-        """Run every ``Denoiser`` of the model, and the VAE of its ``LatentCodec``, under autocast to ``dtype`` at
-        inference (``None``: float32)."""
-        networks = [m for m in self.model.modules() if isinstance(m, Denoiser) or (isinstance(m, LatentCodec) and m.vae is not None)]
-        if dtype is not None and not any(isinstance(m, Denoiser) for m in networks):
+        """Run every denoiser of the model (a ``Denoiser``, or a model that declares ``autocast_dtype`` for its own
+        denoising passes, as DiAD's), and the VAE of its ``LatentCodec``, under autocast to ``dtype`` at inference
+        (``None``: float32)."""
+        networks = [m for m in self.model.modules() if hasattr(m, "autocast_dtype") and getattr(m, "vae", True) is not None]
+        if dtype is not None and all(isinstance(m, LatentCodec) for m in networks):
             msg = f"{type(self).__name__} has no denoiser that can run in a lower precision; use inference_dtype float32"
             raise ValueError(msg)
         for network in networks:

@@ -80,6 +80,9 @@ class DiAD(DiffusionAnomalyModule):
         inference_seed: Seed of the fixed inference noise.
         learning_rate: AdamW learning rate (paper: 1e-5).
         weight_decay: AdamW weight decay (torch's default).
+        inference_dtype: Precision of the SG-guided denoiser passes and the latent autoencoder at inference:
+            ``"float32"``, ``"bfloat16"`` (about half the CPU time on CPUs with AVX512-BF16/AMX) or ``"float16"``
+            (CUDA). Training is unaffected.
         seed: ``lightning.seed_everything(seed)`` before the networks are built (``None``: unseeded).
     """
 
@@ -125,6 +128,7 @@ class DiAD(DiffusionAnomalyModule):
         inference_seed: int = 0,
         learning_rate: float = 1e-5,
         weight_decay: float = 0.01,
+        inference_dtype: str = "float32",
         seed: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
@@ -134,6 +138,7 @@ class DiAD(DiffusionAnomalyModule):
         super().__init__(
             image_size=image_size,
             seed=seed,
+            inference_dtype=inference_dtype,
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,

@@ -13,7 +13,7 @@ image score = max of the map.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +99,14 @@ def load_context(path: str | Path, dim: int) -> torch.Tensor:
 
 
 class DiADModel(nn.Module):
-    """DiAD (see module docstring). Arguments mirror ``anomalib_dpnr.DiAD``."""
+    """DiAD (see module docstring). Arguments mirror ``anomalib_dpnr.DiAD``.
+
+    ``autocast_dtype`` (not saved; ``None`` = float32) runs the SG-guided denoiser passes of :meth:`reconstruct`
+    under autocast (``inference_dtype``); the DDIM update and everything after it stay float32. Training is
+    unaffected.
+    """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -230,10 +237,18 @@ class DiADModel(nn.Module):
         steps = torch.full((images.shape[0],), self.start_step, device=images.device, dtype=torch.long)
         generator = torch.Generator(device=images.device).manual_seed(self.inference_seed)
         start = self.schedule.add_noise(latents, gaussian_noise(latents, generator), steps)
-        latents = ddim_loop(
-            lambda x, t, _abar: self.guided_noise(x, t, images), self.schedule.alphas_cumprod, start, steps, self.ddim_steps
-        )
+        latents = ddim_loop(self._inference_noise(images), self.schedule.alphas_cumprod, start, steps, self.ddim_steps)
         return self.codec.decode(latents).clamp(-1, 1)
+
+    def _inference_noise(self, images: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The DDIM loop's noise estimate: one guided pass under the inference autocast, cast back to the latent's dtype."""
+
+        def noise(latents: torch.Tensor, timesteps: torch.Tensor, _abar: torch.Tensor) -> torch.Tensor:
+            dtype = self.autocast_dtype
+            with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype is not None):
+                return self.guided_noise(latents, timesteps, images).to(latents.dtype)
+
+        return noise
 
     def anomaly_map(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         """``sum_n up(1 - cos(Psi_n(x_0), Psi_n(x_hat)))`` ``[B, 1, H, W]`` (before smoothing)."""
