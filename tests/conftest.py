@@ -97,7 +97,7 @@ TINY_DIAD = {
 # Tests that cover "every model" (test_cli, test_reliability) iterate this; add a new model here.
 MODELS = {
     "D3AD": ("d3ad", {**TINY_D3AD, "autoencoder_channels": None, "autoencoder_epochs": 0}),  # CLI epochs: 1
-    "DiAD": ("diad", TINY_DIAD),
+    "DiAD": ("diad", {**TINY_DIAD, "autoencoder_channels": None, "autoencoder_epochs": 0}),  # pixel space
     "DiffusionAD": ("diffusion_ad", TINY_DIFFUSION_AD),
     "Dpnr": ("dpnr", TINY_DPNR),
     "Ran": ("ran", TINY_RAN),
