@@ -117,7 +117,9 @@ class DiffusionAnomalyModule(AnomalibModule):
         """Run every denoiser of the model (a ``Denoiser``, or a model that declares ``autocast_dtype`` for its own
         denoising passes, as DiAD's), and the VAE of its ``LatentCodec``, under autocast to ``dtype`` at inference
         (``None``: float32)."""
-        networks = [m for m in self.model.modules() if hasattr(m, "autocast_dtype") and getattr(m, "vae", True) is not None]
+        networks = [
+            m for m in self.model.modules() if hasattr(m, "autocast_dtype") and not (isinstance(m, LatentCodec) and m.vae is None)
+        ]
         if dtype is not None and all(isinstance(m, LatentCodec) for m in networks):
             msg = f"{type(self).__name__} has no denoiser that can run in a lower precision; use inference_dtype float32"
             raise ValueError(msg)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .unet import check_widths
+from .unet import check_widths, inference_autocast
 from .weights import load_diffusers_model
 
 __all__ = ["LatentCodec", "build_autoencoder"]
@@ -113,8 +113,7 @@ class LatentCodec(nn.Module):
 
     def _autocast(self, tensor: torch.Tensor) -> torch.autocast:
         """The inference autocast (a no-op in training and for float32)."""
-        enabled = self.autocast_dtype is not None and not self.training
-        return torch.autocast(tensor.device.type, dtype=self.autocast_dtype, enabled=enabled)
+        return inference_autocast(tensor, self.autocast_dtype, enabled=not self.training)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

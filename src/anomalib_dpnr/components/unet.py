@@ -11,9 +11,15 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .validation import _tracing
 
-__all__ = ["INFERENCE_DTYPES", "Denoiser", "build_unet", "parse_inference_dtype", "unet_downsampling_factor"]
+__all__ = ["INFERENCE_DTYPES", "Denoiser", "build_unet", "inference_autocast", "parse_inference_dtype", "unet_downsampling_factor"]
 
 INFERENCE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_autocast(tensor: torch.Tensor, dtype: torch.dtype | None, enabled: bool = True) -> torch.autocast:
+    """Autocast to an ``inference_dtype``'s ``dtype`` on ``tensor``'s device; a no-op for ``None`` (float32) or when
+    not ``enabled``."""
+    return torch.autocast(tensor.device.type, dtype=dtype, enabled=enabled and dtype is not None)
 
 
 def parse_inference_dtype(name: str, model: str) -> torch.dtype | None:
@@ -56,7 +62,7 @@ class Denoiser(UNet2DModel):
 
     def _denoise(self, sample: torch.Tensor, timestep: torch.Tensor | float | int, *args: Any, **kwargs: Any) -> Any:
         """One ``UNet2DModel`` pass under the inference autocast (a no-op for float32)."""
-        with torch.autocast(sample.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with inference_autocast(sample, self.autocast_dtype):
             return super().forward(sample, timestep, *args, **kwargs)
 
 

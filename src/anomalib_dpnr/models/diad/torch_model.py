@@ -25,6 +25,7 @@ from torch import nn
 from anomalib_dpnr.components import AnomalyScorer, NoiseSchedule, check_images, check_widths, ddim_loop, gaussian_noise
 from anomalib_dpnr.components.features import FeatureEmbedder, feature_distance_map
 from anomalib_dpnr.components.latent import LatentCodec
+from anomalib_dpnr.components.unet import inference_autocast
 from anomalib_dpnr.components.weights import MissingWeightsError, load_diffusers_model
 
 from .semantic_guided import SemanticGuidedNetwork
@@ -244,8 +245,7 @@ class DiADModel(nn.Module):
         """The DDIM loop's noise estimate: one guided pass under the inference autocast, cast back to the latent's dtype."""
 
         def noise(latents: torch.Tensor, timesteps: torch.Tensor, _abar: torch.Tensor) -> torch.Tensor:
-            dtype = self.autocast_dtype
-            with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype is not None):
+            with inference_autocast(latents, self.autocast_dtype):
                 return self.guided_noise(latents, timesteps, images).to(latents.dtype)
 
         return noise
