@@ -16,6 +16,7 @@ scored test half is never read. Pick by validation pixel AUROC + AUPRO.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shlex
 import sys
@@ -106,10 +107,12 @@ def fit_args(config: str, dataset: str, data_root: Path, seed: int, every: int, 
     """``anomalib fit`` arguments of one validation run (``TEXTURE_ARGS`` on textures for the models that take them)."""
     sub, category, texture = DATASETS[dataset]
     path = str(config_path(config))
+    model = model_class(path)
+    seeded = ["--model.seed", str(seed)] if "seed" in inspect.signature(model).parameters else []  # not PaDiM/PatchCore
     return ["fit", "--config", path, "--trainer.enable_progress_bar", "false",
             "--trainer.max_epochs", str(max_epochs), "--trainer.check_val_every_n_epoch", str(every),
-            "--model.seed", str(seed), "--data.root", str(data_root / sub), "--data.category", category,
-            *texture_args(model_class(path), texture)]  # fmt: skip
+            *seeded, "--data.root", str(data_root / sub), "--data.category", category,
+            *texture_args(model, texture)]  # fmt: skip
 
 
 def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every: int, max_epochs: int,
