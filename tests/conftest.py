@@ -17,6 +17,13 @@ from anomalib_dpnr.data import make_synthetic_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+
+def config_file(folder: str, name: str = "cpu") -> dict:
+    """``configs/<folder>/<name>.yaml`` of the checkout, as a dict."""
+    import yaml
+
+    return yaml.safe_load((REPO / "configs" / folder / f"{name}.yaml").read_text())
+
 # Smallest DiffusionAD that still exercises every component (runs in well under a second per batch).
 TINY_DIFFUSION_AD = {
     "image_size": 64,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_DIFFUSION_AD, benchmark_script
+from conftest import REPO, TINY_DIFFUSION_AD, benchmark_script, config_file
 
 from anomalib_dpnr import compare as bench
 from anomalib_dpnr.benchmark import expand_model, load_grid, parse_model, register
@@ -322,7 +322,7 @@ def test_compare_on_folder_data_with_seeds(tmp_path: Path, tiny_dataset: Path) -
 
 @pytest.mark.slow
 def test_run_fails_loudly_when_a_job_fails(tmp_path: Path) -> None:
-    config = yaml.safe_load((REPO / "configs" / "diffusion_ad" / "cpu.yaml").read_text())
+    config = config_file("diffusion_ad")
     config["model"]["init_args"]["inference_timesteps"] = [100, 5000]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import MODELS, REPO
+from conftest import MODELS, config_file
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def model_name(request: pytest.FixtureRequest) -> str:
 def tiny_config(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path, model_name: str) -> Path:
     """The model's CPU config with the model shrunk and the data pointed at the tiny dataset."""
     folder, tiny = MODELS[model_name]
-    config = yaml.safe_load((REPO / "configs" / folder / "cpu.yaml").read_text())
+    config = config_file(folder)
     config["trainer"].update(max_epochs=2, check_val_every_n_epoch=1, logger=False)
     config["model"]["init_args"].update(tiny)
     config["data"]["init_args"].update(

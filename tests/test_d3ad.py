@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from anomalib.engine import Engine
-from conftest import REPO, TINY_D3AD
+from conftest import TINY_D3AD, config_file
 from diffusers import DDIMScheduler
 from lightning.pytorch import Callback, LightningModule, Trainer
 from test_reliability import datamodule, engine, sample_images
@@ -426,14 +425,9 @@ def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path:
 
 
 # --- configurations ---------------------------------------------------------------------------------------------
-def d3ad_config(name: str) -> dict:
-    """``configs/d3ad/<name>.yaml`` as a dict."""
-    return yaml.safe_load((REPO / "configs" / "d3ad" / f"{name}.yaml").read_text())
-
-
 @pytest.mark.parametrize("config", ["cpu", "pixel_cpu", "paper", "ddad", "ddad_cpu"])
 def test_configs_build(config: str) -> None:
-    init_args = d3ad_config(config)["model"]["init_args"]
+    init_args = config_file("d3ad", config)["model"]["init_args"]
     init_args.update(pre_trained=False, vae_path=None)  # no weights needed to check the arguments
     module = D3AD(**init_args)
     if config.startswith("ddad"):
@@ -453,7 +447,7 @@ DDAD_METHOD = (
 
 
 def test_ddad_cpu_config_is_ddads_method_on_the_pixel_cpu_configs_networks() -> None:
-    cpu, ddad, ddad_cpu = d3ad_config("pixel_cpu"), d3ad_config("ddad"), d3ad_config("ddad_cpu")
+    cpu, ddad, ddad_cpu = config_file("d3ad", "pixel_cpu"), config_file("d3ad", "ddad"), config_file("d3ad", "ddad_cpu")
     args = ddad_cpu["model"]["init_args"]
     assert {key: args[key] for key in DDAD_METHOD} == {key: ddad["model"]["init_args"][key] for key in DDAD_METHOD}
     rest = {key: value for key, value in args.items() if key not in DDAD_METHOD}
@@ -462,7 +456,7 @@ def test_ddad_cpu_config_is_ddads_method_on_the_pixel_cpu_configs_networks() -> 
 
 
 def test_cpu_config_is_pixel_cpu_with_a_trained_autoencoder() -> None:
-    latent, pixel = d3ad_config("cpu"), d3ad_config("pixel_cpu")
+    latent, pixel = config_file("d3ad"), config_file("d3ad", "pixel_cpu")
     added = {key: value for key, value in latent["model"]["init_args"].items() if key not in pixel["model"]["init_args"]}
     assert added.pop("autoencoder_channels") and added.pop("autoencoder_epochs") == 10
     assert {key: pixel["model"]["init_args"][key] for key in pixel["model"]["init_args"]} == {

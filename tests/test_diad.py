@@ -8,7 +8,7 @@ import pytest
 import torch
 from anomalib.engine import Engine
 from anomalib.models import Padim
-from conftest import TINY_DIAD, TINY_RAN
+from conftest import TINY_DIAD, TINY_RAN, config_file
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 from test_d3ad import AutoencoderPhases, fit_with
@@ -302,16 +302,9 @@ def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path:
 
 
 # --- configurations ---------------------------------------------------------------------------------------------
-def diad_config(name: str) -> dict:
-    """``configs/diad/<name>.yaml`` as a dict."""
-    import yaml
-
-    return yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "diad" / f"{name}.yaml").read_text())
-
-
 @pytest.mark.parametrize("config", ["cpu", "pixel_cpu", "multi_class_cpu"])
 def test_cpu_configs_build(config: str) -> None:
-    module = DiAD(**{**diad_config(config)["model"]["init_args"], "pre_trained": False})
+    module = DiAD(**{**config_file("diad", config)["model"]["init_args"], "pre_trained": False})
     latent = module.model.codec.vae is not None
     assert latent == (config == "cpu") and module.autoencoder_epochs == (10 if latent else 0)
     grid = module.model.codec.encode(torch.zeros(1, 3, 128, 128)).shape[-2:]
@@ -321,7 +314,7 @@ def test_cpu_configs_build(config: str) -> None:
 def test_cpu_config_is_pixel_cpu_with_a_trained_autoencoder() -> None:
     """The shipped CPU config diffuses in a trained autoencoder's latent: the pixel config plus the autoencoder,
     its 10 epochs before the same 24 denoiser epochs, and a hint encoder that reaches the 32x32 latent grid."""
-    latent, pixel = diad_config("cpu"), diad_config("pixel_cpu")
+    latent, pixel = config_file("diad"), config_file("diad", "pixel_cpu")
     args, pixel_args = latent["model"]["init_args"], pixel["model"]["init_args"]
     added = {key: value for key, value in args.items() if key not in pixel_args}
     assert added.pop("autoencoder_channels") == [32, 64, 128] and added.pop("autoencoder_epochs") == 10

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from anomalib.engine import Engine
-from conftest import REPO, TINY_RAN
+from conftest import TINY_RAN, config_file
 from test_reliability import datamodule, engine, sample_images
 
 from anomalib_dpnr import Ran
@@ -390,7 +389,7 @@ def test_bad_arguments_are_named() -> None:
 
 @pytest.mark.parametrize("config", ["cpu", "paper"])
 def test_configs_match_the_reference(config: str) -> None:
-    init_args = yaml.safe_load((REPO / "configs" / "ran" / f"{config}.yaml").read_text())["model"]["init_args"]
+    init_args = config_file("ran", config)["model"]["init_args"]
     inspect.signature(Ran).bind(**init_args)  # every key is an argument
     levels = [5, 50, 100] if config == "paper" else [50]  # the CPU config reads one of the reference's levels
     assert init_args["inference_timesteps"] == levels and init_args["respacing"] == 250 and init_args["top_k"] == 64

@@ -24,7 +24,7 @@ import yaml
 from anomalib.data import Folder, ImageBatch, MVTecAD
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
-from conftest import MODELS, REPO
+from conftest import MODELS, config_file
 from diffusers import UNet2DConditionModel
 from lightning.pytorch import Callback, Trainer
 from torchvision.io import read_image
@@ -281,7 +281,7 @@ def test_same_seed_gives_identical_metrics(run: Run, name: str, tiny_dataset: Pa
 def test_ddp_training_on_two_cpu_processes(name: str, tiny_dataset: Path, tmp_path: Path) -> None:
     """``anomalib fit --trainer.strategy ddp --trainer.devices 2`` (gloo); fitted state agrees across ranks."""
     folder, tiny = MODELS[name]
-    config = yaml.safe_load((REPO / "configs" / folder / "cpu.yaml").read_text())
+    config = config_file(folder)
     config["trainer"].update(max_epochs=1, check_val_every_n_epoch=1, logger=False, enable_progress_bar=False)
     config["model"]["init_args"].update(tiny, seed=0)  # every rank builds the same random-init backbone
     config["data"]["init_args"].update(root=str(tiny_dataset), category="woven", num_workers=0, train_batch_size=2, eval_batch_size=4)
