@@ -5,7 +5,10 @@ dataset with the same data, pre-processing and ``from_test`` split (seed 42) as 
 Lightning's validation loop every ``--every`` epochs up to ``--max-epochs`` (so state a model fits on validation, such
 as RAN's level statistics, is fitted as in a normal run) and appends, per validation, the epoch, the training seconds
 so far and the image AUROC, pixel AUROC and pixel AUPRO of the raw maps on the *validation* half to ``--csv``. The
-scored test half is never read. Pick by validation pixel AUROC + AUPRO.
+scored test half is never read. Pick by validation pixel AUROC + AUPRO. With ``--by-type CSV``, each validation also
+appends one row per defect type to that CSV: the metrics over the type's anomalous images and every normal image
+(the type is the image's folder name), which shows where a model wins or loses (a defect type with large regions
+weighs most in pixel AUROC).
 
     nice python benchmarks/validation.py --config diad/cpu --dataset bottle --every 6 --max-epochs 36 \\
         --csv benchmarks/results/diad_validation.csv
@@ -31,6 +34,7 @@ from anomalib_dpnr.compare import DATASETS, model_class, read_csv, texture_args,
 from anomalib_dpnr.config_files import config_path
 
 COLUMNS = ["config", "dataset", "overrides", "seed", "epoch", "train_seconds", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+TYPE_COLUMNS = [*COLUMNS[:5], "defect", "images", "defect_pixels", *COLUMNS[6:]]
 
 
 def metrics(scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
@@ -77,22 +81,24 @@ def raw_metrics(module, loader) -> dict[str, float]:  # noqa: ANN001
 
 
 class ValidationScores(Callback):
-    """Collects the raw scores and maps of every validation batch and appends one metrics row per validation."""
+    """Collects the raw scores and maps of every validation batch and appends one metrics row per validation (and,
+    ``by_type``, one per defect type to ``type_rows``)."""
 
-    def __init__(self, row: dict) -> None:
-        self.row, self.rows = row, []
+    def __init__(self, row: dict, by_type: bool = False) -> None:
+        self.row, self.rows, self.by_type, self.type_rows = row, [], by_type, []
 
     def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
         self.start, self.validation_seconds = time.perf_counter(), 0.0
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
-        self.batches, self.validation_start = [], time.perf_counter()
+        self.batches, self.types, self.validation_start = [], [], time.perf_counter()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, D102
         maps = outputs.anomaly_map.detach().float().cpu()
         maps = maps.reshape(maps.shape[0], 1, *maps.shape[-2:])
         self.batches.append((outputs.pred_score.detach().float().cpu().reshape(-1), outputs.gt_label.cpu(), maps,
                              mask_like(outputs.gt_mask.cpu(), maps)))  # fmt: skip
+        self.types += [Path(path).parent.name for path in outputs.image_path]
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001, D102
         train_seconds = self.validation_start - self.start - self.validation_seconds
@@ -101,6 +107,19 @@ class ValidationScores(Callback):
         row = {**self.row, "epoch": trainer.current_epoch + 1, "train_seconds": round(train_seconds, 1)}
         self.rows.append({**row, **metrics(scores, labels, maps, masks)})
         print(self.rows[-1], flush=True)
+        if self.by_type:
+            self.type_rows += type_rows({**self.row, "epoch": row["epoch"]}, self.types, scores, labels, maps, masks)
+
+
+def type_rows(row: dict, types: list[str], scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
+              masks: torch.Tensor) -> list[dict]:  # fmt: skip
+    """One ``row`` per defect type of the anomalous images: ``metrics`` over its images and every normal image."""
+    rows = []
+    for defect in sorted({kind for kind, label in zip(types, labels.tolist(), strict=True) if label}):
+        keep = torch.tensor([bool(not label or kind == defect) for kind, label in zip(types, labels.tolist(), strict=True)])
+        rows.append({**row, "defect": defect, "images": int((labels.bool() & keep).sum()), "defect_pixels": int(masks[keep].sum()),
+                     **metrics(scores[keep], labels[keep], maps[keep], masks[keep])})  # fmt: skip
+    return rows
 
 
 def fit_args(config: str, dataset: str, data_root: Path, seed: int, every: int, max_epochs: int) -> list[str]:
@@ -116,8 +135,9 @@ def fit_args(config: str, dataset: str, data_root: Path, seed: int, every: int, 
 
 
 def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every: int, max_epochs: int,
-                    overrides: list[str]) -> list[dict]:  # fmt: skip
-    """Fit ``config`` for ``max_epochs`` and score the validation half every ``every`` epochs."""
+                    overrides: list[str], by_type: bool = False) -> ValidationScores:  # fmt: skip
+    """Fit ``config`` for ``max_epochs`` and score the validation half every ``every`` epochs (its ``rows``, and
+    with ``by_type`` its ``type_rows``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from anomalib.cli import AnomalibCLI
     from lightning.pytorch import seed_everything
@@ -127,10 +147,11 @@ def train_and_score(config: str, dataset: str, data_root: Path, seed: int, every
         raise ValueError(msg)
     seed_everything(seed, workers=True)
     cli = AnomalibCLI(args=[*fit_args(config, dataset, data_root, seed, every, max_epochs), *overrides], run=False)
-    scores = ValidationScores({"config": config, "dataset": dataset, "overrides": shlex.join(overrides) or "(config)", "seed": seed})
+    row = {"config": config, "dataset": dataset, "overrides": shlex.join(overrides) or "(config)", "seed": seed}
+    scores = ValidationScores(row, by_type)
     cli.engine._cache.args["callbacks"].append(scores)  # noqa: SLF001 (the Engine builds its Trainer lazily)
     cli.engine.fit(model=cli.model, datamodule=cli.datamodule)
-    return scores.rows
+    return scores
 
 
 def update_csv(path: Path, new_rows: list[dict], columns: list[str]) -> list[dict]:
@@ -147,6 +168,15 @@ def summary(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['config']} | {r['dataset']} | `{r['overrides']}` | {r['seed']} | {r['epoch']} | {r['train_seconds']} "
               f"| {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |" for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+def type_summary(rows: list[dict]) -> str:
+    """Markdown table of ``--by-type`` rows."""
+    lines = ["| config | dataset | overrides | seed | epoch | defect | images | defect pixels | image AUROC | pixel AUROC | pixel AUPRO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['config']} | {r['dataset']} | `{r['overrides']}` | {r['seed']} | {r['epoch']} | {r['defect']} | {r['images']} "
+              f"| {r['defect_pixels']} | {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |" for r in rows]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -226,10 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=6, help="validate every this many epochs")
     parser.add_argument("--max-epochs", type=int, default=36)
     add_run_arguments(parser, "validation")
+    parser.add_argument("--by-type", type=Path, metavar="CSV", help="also append per-defect-type rows to this CSV (with --render: tabulate it)")
     args = parser.parse_args(argv)
-    new_rows = [] if args.render else train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every,
-                                                      args.max_epochs, args.overrides)  # fmt: skip
-    rows = update_csv(args.csv, new_rows, COLUMNS)
+    if args.render and args.by_type is not None:  # the per-type table of that CSV
+        report([], type_summary(read_csv(args.by_type)), args, "validation.py", argv)
+        return 0
+    if not args.render:
+        scores = train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every, args.max_epochs,
+                                 args.overrides, args.by_type is not None)  # fmt: skip
+        if args.by_type is not None:
+            update_csv(args.by_type, scores.type_rows, TYPE_COLUMNS)
+    rows = update_csv(args.csv, [] if args.render else scores.rows, COLUMNS)
     report(rows, summary(rows), args, "validation.py", argv)
     return 0
 

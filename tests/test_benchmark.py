@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, TINY_DIFFUSION_AD, benchmark_script, config_file
 
@@ -372,12 +373,28 @@ def test_validation_script_scores_the_validation_half_every_n_epochs(tiny_datase
 
     validation = benchmark_script("validation")
     module, data = build("Ran", seed=0), datamodule(tiny_dataset)
-    scores = validation.ValidationScores({"config": "tiny"})
+    scores = validation.ValidationScores({"config": "tiny"}, by_type=True)
     engine(tmp_path, max_epochs=2, check_val_every_n_epoch=1, num_sanity_val_steps=0, callbacks=[scores]).fit(module, datamodule=data)
     assert [row["epoch"] for row in scores.rows] == [1, 2]
     assert all(row["config"] == "tiny" and row["train_seconds"] >= 0 for row in scores.rows)
     expected = validation.raw_metrics(module.eval(), data.val_dataloader())  # the trained model, outside the validation loop
     assert {key: scores.rows[-1][key] for key in expected} == pytest.approx(expected, abs=2e-3)
+    # --by-type: per validation, one row per defect type of the validation half, over its images and the normal ones
+    batches = list(data.val_dataloader())
+    kinds = [Path(path).parent.name for batch in batches for path in batch.image_path]
+    defects = sorted(set(kinds) - {"good"})
+    assert len(defects) > 1 and [row["defect"] for row in scores.type_rows] == defects * 2
+    last = scores.type_rows[len(defects) :]
+    assert [row["images"] for row in last] == [kinds.count(defect) for defect in defects]
+    keep = [i for i, kind in enumerate(kinds) if kind in ("good", defects[0])]
+    labels = torch.cat([batch.gt_label for batch in batches])[keep]
+    with torch.no_grad():
+        outputs = [module.model(module.pre_processor.transform(batch.image)) for batch in batches]
+    maps = torch.cat([out.anomaly_map.reshape(-1, 1, *out.anomaly_map.shape[-2:]) for out in outputs])[keep]
+    masks = torch.cat([validation.mask_like(batch.gt_mask, maps) for batch in batches])[keep]
+    scores_kept = torch.cat([out.pred_score.reshape(-1) for out in outputs])[keep]
+    own = validation.metrics(scores_kept, labels, maps, masks)
+    assert {key: last[0][key] for key in own} == pytest.approx(own, abs=2e-3) and last[0]["defect_pixels"] == int(masks.sum())
 
 
 def test_validation_gives_texture_arguments_only_to_models_that_take_them() -> None:
