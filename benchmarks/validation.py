@@ -162,21 +162,14 @@ def update_csv(path: Path, new_rows: list[dict], columns: list[str]) -> list[dic
     return rows
 
 
-def summary(rows: list[dict]) -> str:
-    """Markdown table of the rows in the order they were run."""
-    lines = ["| config | dataset | overrides | seed | epoch | train s | image AUROC | pixel AUROC | pixel AUPRO |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['config']} | {r['dataset']} | `{r['overrides']}` | {r['seed']} | {r['epoch']} | {r['train_seconds']} "
-              f"| {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |" for r in rows]  # fmt: skip
-    return "\n".join(lines)
+HEADINGS = {"train_seconds": "train s", "defect_pixels": "defect pixels", "image_AUROC": "image AUROC", "pixel_AUROC": "pixel AUROC",
+            "pixel_AUPRO": "pixel AUPRO"}  # fmt: skip
 
 
-def type_summary(rows: list[dict]) -> str:
-    """Markdown table of ``--by-type`` rows."""
-    lines = ["| config | dataset | overrides | seed | epoch | defect | images | defect pixels | image AUROC | pixel AUROC | pixel AUPRO |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['config']} | {r['dataset']} | `{r['overrides']}` | {r['seed']} | {r['epoch']} | {r['defect']} | {r['images']} "
-              f"| {r['defect_pixels']} | {r['image_AUROC']} | {r['pixel_AUROC']} | {r['pixel_AUPRO']} |" for r in rows]  # fmt: skip
+def summary(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    """Markdown table of the rows (``columns`` of them; ``TYPE_COLUMNS`` for ``--by-type`` rows) in the order they were run."""
+    lines = ["| " + " | ".join(HEADINGS.get(c, c) for c in columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(f"`{r[c]}`" if c == "overrides" else str(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by-type", type=Path, metavar="CSV", help="also append per-defect-type rows to this CSV (with --render: tabulate it)")
     args = parser.parse_args(argv)
     if args.render and args.by_type is not None:  # the per-type table of that CSV
-        report([], type_summary(read_csv(args.by_type)), args, "validation.py", argv)
+        report([], summary(read_csv(args.by_type), TYPE_COLUMNS), args, "validation.py", argv)
         return 0
     if not args.render:
         scores = train_and_score(args.config, args.dataset, args.data_root, args.seed, args.every, args.max_epochs,
