@@ -19,7 +19,6 @@ weighs most in pixel AUROC).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shlex
 import sys
@@ -30,7 +29,7 @@ import torch
 from lightning.pytorch import Callback
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_dpnr.compare import DATASETS, model_class, read_csv, texture_args, update_readme, write_csv
+from anomalib_dpnr.compare import DATASETS, model_class, read_csv, seed_args, texture_args, update_readme, write_csv
 from anomalib_dpnr.config_files import config_path
 
 COLUMNS = ["config", "dataset", "overrides", "seed", "epoch", "train_seconds", "image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
@@ -114,9 +113,9 @@ class ValidationScores(Callback):
 def type_rows(row: dict, types: list[str], scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor,
               masks: torch.Tensor) -> list[dict]:  # fmt: skip
     """One ``row`` per defect type of the anomalous images: ``metrics`` over its images and every normal image."""
-    rows = []
-    for defect in sorted({kind for kind, label in zip(types, labels.tolist(), strict=True) if label}):
-        keep = torch.tensor([bool(not label or kind == defect) for kind, label in zip(types, labels.tolist(), strict=True)])
+    rows, images = [], list(zip(types, labels.tolist(), strict=True))
+    for defect in sorted({kind for kind, label in images if label}):
+        keep = torch.tensor([bool(not label or kind == defect) for kind, label in images])
         rows.append({**row, "defect": defect, "images": int((labels.bool() & keep).sum()), "defect_pixels": int(masks[keep].sum()),
                      **metrics(scores[keep], labels[keep], maps[keep], masks[keep])})  # fmt: skip
     return rows
@@ -127,10 +126,9 @@ def fit_args(config: str, dataset: str, data_root: Path, seed: int, every: int, 
     sub, category, texture = DATASETS[dataset]
     path = str(config_path(config))
     model = model_class(path)
-    seeded = ["--model.seed", str(seed)] if "seed" in inspect.signature(model).parameters else []  # not PaDiM/PatchCore
     return ["fit", "--config", path, "--trainer.enable_progress_bar", "false",
             "--trainer.max_epochs", str(max_epochs), "--trainer.check_val_every_n_epoch", str(every),
-            *seeded, "--data.root", str(data_root / sub), "--data.category", category,
+            *seed_args(model, seed), "--data.root", str(data_root / sub), "--data.category", category,
             *texture_args(model, texture)]  # fmt: skip
 
 

@@ -38,7 +38,7 @@ from anomalib_dpnr.config_files import config_names, config_path, display_name
 
 __all__ = [
     "COLUMNS", "DATASETS", "METRICS", "REFERENCE", "TEXTURE_ARGS", "add_ratios", "default_configs", "label", "main",
-    "markdown", "merge_rows", "model_class", "plan", "plot", "read_csv", "run_job", "summarise", "texture_args",
+    "markdown", "merge_rows", "model_class", "plan", "plot", "read_csv", "run_job", "seed_args", "summarise", "texture_args",
     "update_readme", "write_csv",
 ]  # fmt: skip
 
@@ -99,8 +99,7 @@ def run_job(
     args = ["fit", "--config", config, "--trainer.enable_progress_bar", "false", "--data.seed", str(split_seed)]
     if data["kind"] == "mvtec":
         args += ["--data.root", data["root"], "--data.category", data["category"]]
-    if "seed" in inspect.signature(model_class(config)).parameters:
-        args += ["--model.seed", str(seed)]
+    args += seed_args(model_class(config), seed)
     cli = AnomalibCLI(args=[*args, *extra], run=False)
     engine, model, datamodule = cli.engine, cli.model, cli.datamodule
     if data["kind"] == "folder":
@@ -191,6 +190,11 @@ def _yaml(config: str) -> dict:
 def texture_args(model: type, texture: bool) -> list[str]:
     """``TEXTURE_ARGS`` for a texture dataset when ``model`` takes them (models without synthetic anomalies do not)."""
     return list(TEXTURE_ARGS) if texture and "use_foreground" in inspect.signature(model).parameters else []
+
+
+def seed_args(model: type, seed: int) -> list[str]:
+    """``--model.seed`` for a model that takes a seed (the plugin models; PaDiM and PatchCore do not)."""
+    return ["--model.seed", str(seed)] if "seed" in inspect.signature(model).parameters else []
 
 
 def model_class(config: str) -> type:
