@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from conftest import TINY_D3AD, config_file
+from conftest import TINY_D3AD, TINY_DIAD, config_file
 from diffusers import DDIMScheduler
 from lightning.pytorch import Callback, LightningModule, Trainer
 from test_reliability import datamodule, engine, sample_images
@@ -422,6 +422,23 @@ def test_trained_autoencoder_arguments_are_checked(tiny_dataset: Path, tmp_path:
         D3AD(**TINY_D3AD, autoencoder_epochs=2)
     with pytest.raises(ValueError, match="max_epochs=1 leaves no epoch for the denoiser besides autoencoder_epochs=1"):
         engine(tmp_path).fit(D3AD(**TINY_D3AD, **AUTOENCODER), datamodule=datamodule(tiny_dataset))
+
+
+@pytest.mark.parametrize("name", ["D3AD", "DiAD"])
+def test_autoencoder_norm_groups(name: str) -> None:
+    """The trained autoencoder's GroupNorm groups are its own argument (default: the denoiser's)."""
+    from anomalib_dpnr import DiAD
+
+    model_class, tiny = (D3AD, TINY_D3AD) if name == "D3AD" else (DiAD, {**TINY_DIAD, "hint_channels": [8, 8]})
+    narrow = {"autoencoder_channels": [4, 8], "autoencoder_epochs": 1}
+    with pytest.raises(ValueError, match=r"autoencoder_channels \(4, 8\) .* multiple of norm_num_groups=8"):
+        model_class(**tiny, **narrow)
+    codec = model_class(**tiny, **narrow, autoencoder_norm_groups=4).model.codec
+    assert [m.num_groups for m in codec.vae.modules() if isinstance(m, torch.nn.GroupNorm)] and all(
+        m.num_groups == 4 for m in codec.vae.modules() if isinstance(m, torch.nn.GroupNorm)
+    )
+    default = model_class(**tiny, autoencoder_channels=[8, 8], autoencoder_epochs=1).model.codec
+    assert {m.num_groups for m in default.vae.modules() if isinstance(m, torch.nn.GroupNorm)} == {tiny["norm_num_groups"]}
 
 
 # --- configurations ---------------------------------------------------------------------------------------------

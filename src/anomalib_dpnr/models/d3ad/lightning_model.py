@@ -49,6 +49,7 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
             the last halves the resolution) trained from scratch on the training images in the first
             ``autoencoder_epochs`` epochs, then frozen (``components.LatentCodec``); ``None``: none.
         latent_channels: Latent channels of that autoencoder (Stable Diffusion's: 4).
+        autoencoder_norm_groups: Its GroupNorm groups (must divide every width); default: ``norm_num_groups``.
         autoencoder_epochs: First epochs of ``max_epochs`` spent training it (needs ``autoencoder_channels``).
         autoencoder_learning_rate: Its AdamW learning rate.
         autoencoder_kl_weight: Weight of its KL term against the L1 reconstruction (latent diffusion's KL-f: 1e-6).
@@ -60,7 +61,7 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         layers_per_block: ResNet blocks per level.
         attention_levels: Denoiser levels with self-attention.
         attention_head_dim: Channels per attention head.
-        norm_num_groups: GroupNorm groups of the denoiser (and of the trained autoencoder).
+        norm_num_groups: GroupNorm groups of the denoiser (and, by default, of the trained autoencoder).
         backbone: timm backbone for the kNN estimate and the feature distance.
         knn_layer: Backbone layer of the kNN estimate (reference: ResNet34 ``layer2``).
         layers: Backbone layers of the feature distance (reference: ``layer2``, ``layer3``).
@@ -114,6 +115,7 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
         latent_scale: float | None = None,
         autoencoder_channels: Sequence[int] | None = None,
         latent_channels: int = 4,
+        autoencoder_norm_groups: int | None = None,
         autoencoder_epochs: int = 0,
         autoencoder_learning_rate: float = 1e-3,
         autoencoder_kl_weight: float = 1e-6,
@@ -191,6 +193,7 @@ class D3AD(FittedTermWeight, FittedMapStatistics, DiffusionAnomalyModule):
             latent_scale=latent_scale,
             autoencoder_channels=autoencoder_channels,
             latent_channels=latent_channels,
+            autoencoder_norm_groups=autoencoder_norm_groups,
             num_timesteps=num_timesteps,
             beta_schedule=beta_schedule,
             beta_start=beta_start,

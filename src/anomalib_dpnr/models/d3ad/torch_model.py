@@ -61,6 +61,7 @@ class D3ADModel(nn.Module):
         latent_scale: float | None = None,
         autoencoder_channels: Sequence[int] | None = None,
         latent_channels: int = 4,
+        autoencoder_norm_groups: int | None = None,
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 0.0015,
@@ -110,7 +111,10 @@ class D3ADModel(nn.Module):
         if len(adaptation_steps) != 2 or not 1 <= adaptation_steps[0] <= adaptation_steps[1]:
             msg = f"adaptation_steps must be (low, high) with 1 <= low <= high, got {adaptation_steps}"
             raise ValueError(msg)
-        self.codec = LatentCodec(vae_path, latent_scale, autoencoder_channels, latent_channels, norm_num_groups)
+        self.codec = LatentCodec(
+            vae_path, latent_scale, autoencoder_channels, latent_channels,
+            norm_num_groups if autoencoder_norm_groups is None else autoencoder_norm_groups,
+        )  # fmt: skip
         self.schedule = NoiseSchedule(num_timesteps, beta_schedule, beta_start, beta_end)
         self.schedule.check_timesteps([fixed_step] if step_mode == "fixed" else [max_step])
         self.schedule.check_timesteps(list(adaptation_steps))

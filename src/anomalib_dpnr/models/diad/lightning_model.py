@@ -39,6 +39,7 @@ class DiAD(DiffusionAnomalyModule):
             epochs, then frozen (``components.LatentCodec``; the paper fine-tunes SD's VAE on the dataset instead);
             ``None``: none.
         latent_channels: Latent channels of that autoencoder (Stable Diffusion's: 4).
+        autoencoder_norm_groups: Its GroupNorm groups (must divide every width); default: ``norm_num_groups``.
         autoencoder_epochs: First epochs of ``max_epochs`` spent training it (needs ``autoencoder_channels``).
         autoencoder_learning_rate: Its AdamW learning rate.
         autoencoder_kl_weight: Weight of its KL term against the L1 reconstruction (latent diffusion's KL-f: 1e-6).
@@ -93,6 +94,7 @@ class DiAD(DiffusionAnomalyModule):
         latent_scale: float | None = None,
         autoencoder_channels: Sequence[int] | None = None,
         latent_channels: int = 4,
+        autoencoder_norm_groups: int | None = None,
         autoencoder_epochs: int = 0,
         autoencoder_learning_rate: float = 1e-3,
         autoencoder_kl_weight: float = 1e-6,
@@ -150,6 +152,7 @@ class DiAD(DiffusionAnomalyModule):
             latent_scale=latent_scale,
             autoencoder_channels=autoencoder_channels,
             latent_channels=latent_channels,
+            autoencoder_norm_groups=autoencoder_norm_groups,
             vae_dtype=vae_dtype,
             unet_path=unet_path,
             unet_subfolder=unet_subfolder,

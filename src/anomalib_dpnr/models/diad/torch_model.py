@@ -115,6 +115,7 @@ class DiADModel(nn.Module):
         latent_scale: float | None = None,
         autoencoder_channels: Sequence[int] | None = None,
         latent_channels: int = 4,
+        autoencoder_norm_groups: int | None = None,
         vae_dtype: str | None = None,
         unet_path: str | Path | None = None,
         unet_subfolder: str | None = None,
@@ -156,7 +157,10 @@ class DiADModel(nn.Module):
         if guidance_scale is not None and not semantic_guided:
             msg = "guidance_scale contrasts SG-guided with unguided noise predictions: it needs semantic_guided=True"
             raise ValueError(msg)
-        self.codec = LatentCodec(vae_path, latent_scale, autoencoder_channels, latent_channels, norm_num_groups)
+        self.codec = LatentCodec(
+            vae_path, latent_scale, autoencoder_channels, latent_channels,
+            norm_num_groups if autoencoder_norm_groups is None else autoencoder_norm_groups,
+        )  # fmt: skip
         if self.codec.trainable and VAE_DTYPES[vae_dtype] is not None:
             msg = f"vae_dtype={vae_dtype!r} lowers a pretrained, frozen VAE's precision; the autoencoder trained here stays float32 (set vae_dtype: null)"
             raise ValueError(msg)
